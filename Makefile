@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv/ first (reused
+# while requirements/, setup.cfg and pyproject.toml are unchanged).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: venv demo test bench clean help
+
+help:
+	@echo "make demo   set up .venv and run the main job on embedded defaults (writes $(DEMO_OUT)/)"
+	@echo "make test   set up .venv and run the test suite"
+	@echo "make bench  run the benchmarks in bench/"
+	@echo "make clean  remove .venv and run outputs"
+
+venv: $(STAMP)
+
+# Install order matters (see requirements/*.txt):
+#  1. TensorFlow 2.14.1 with tensorflow-federated's other requirements, resolved together;
+#  2. tensorflow-federated itself with --no-deps (its jax==0.4.14 pin cannot be served);
+#  3. fedkb and everything else under constraints frozen from step 1 plus our own pins.
+$(STAMP): requirements/tff-deps.txt requirements/tff.txt requirements/constraints.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23.2" wheel setuptools
+	$(PIP) install -q -r requirements/tff-deps.txt
+	$(PIP) install -q --no-deps -r requirements/tff.txt
+	$(PIP) freeze --exclude-editable | grep -v '^-e ' > $(VENV)/stage1-constraints.txt
+	$(PIP) install -q -c $(VENV)/stage1-constraints.txt -c requirements/constraints.txt -e '.[train,server,data,dev]'
+	touch $(STAMP)
+
+# Until `fedkb simulate` lands, the main job is: prepare Shakespeare-by-role, then a short
+# centralized baseline on it.
+demo: $(STAMP)
+	$(VENV)/bin/fedkb data prepare --dataset shakespeare --out $(DEMO_OUT)/data
+	$(VENV)/bin/fedkb baseline --data $(DEMO_OUT)/data --out $(DEMO_OUT)/baseline
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,67 @@
+"""The `fedkb` entry point: one argparse parser, one subcommand per module in fedkb.commands.
+
+Usage:
+    fedkb data prepare --dataset shakespeare --out runs/data
+    fedkb baseline --data runs/data --out runs/baseline
+    fedkb export --data runs/data --out runs/model
+    fedkb suggest --model runs/model "to be or not to"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fedkb import __version__
+from fedkb.errors import FedkbError
+
+# Registered in this order in `fedkb --help`.
+_COMMAND_MODULES = (
+    "fedkb.commands.data",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="fedkb",
+        description="On-device federated next-word keyboard prediction.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedkb {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except FedkbError as err:
+        print(f"fedkb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
