@@ -1,0 +1,165 @@
+"""HTTP messages between the edge runtime and the aggregator, as typed dataclasses.
+
+Both sides import this module (it needs neither Flask nor TensorFlow), so a field renamed here
+is renamed everywhere. Routes decode JSON into these classes, call the logic, and encode the
+result; they do no maths. Every error body is `{"error": CODE, "message": TEXT}`.
+
+Endpoints (see also DESIGN.md):
+    POST /v1/devices                      EnrollRequest -> EnrollResponse (201)
+    GET  /v1/models/latest                -> manifest.json of the current version
+    GET  /v1/models/<version>/<file>      -> file bytes, ETag = sha256
+    POST /v1/checkin                      CheckinRequest -> CheckinResponse
+    POST /v1/rounds/<round_id>/updates    safetensors body (fedkb.wire) -> UploadResponse
+    GET  /v1/status, GET /metrics, GET /
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """A JSON body that does not have the fields and types a message needs."""
+
+
+def _require(body: Any, name: str, kind, *, where: str, optional: bool = False, default=None):
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{where}: expected a JSON object")
+    if name not in body or body[name] is None:
+        if optional:
+            return default
+        raise ProtocolError(f"{where}: missing field {name!r}")
+    value = body[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ProtocolError(f"{where}: field {name!r} must be {getattr(kind, '__name__', kind)}")
+    if kind is float and not math.isfinite(value):
+        raise ProtocolError(f"{where}: field {name!r} must be finite")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """What a device reports about itself at check-in (the server may use it for pacing)."""
+
+    idle: bool
+    charging: bool
+    unmetered: bool
+    battery: float  # percent, 0–100
+
+    @classmethod
+    def from_json(cls, body: Any) -> "DeviceState":
+        w = "state"
+        state = cls(
+            idle=_require(body, "idle", bool, where=w),
+            charging=_require(body, "charging", bool, where=w),
+            unmetered=_require(body, "unmetered", bool, where=w),
+            battery=_require(body, "battery", float, where=w),
+        )
+        if not 0.0 <= state.battery <= 100.0:
+            raise ProtocolError("state: battery must be within 0..100")
+        return state
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollRequest:
+    """A device asks to join, proving it knows the fleet's enrollment secret."""
+
+    enrollment_secret: str
+    platform: str = "unknown"
+
+    @classmethod
+    def from_json(cls, body: Any) -> "EnrollRequest":
+        return cls(
+            enrollment_secret=_require(body, "enrollment_secret", str, where="enrollment"),
+            platform=_require(body, "platform", str, where="enrollment", optional=True, default="unknown"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollResponse:
+    """The device's id and bearer token (shown once; the server keeps only a hash)."""
+
+    device_id: str
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckinRequest:
+    """A device that is eligible to train asks for work."""
+
+    model_version: int | None
+    state: DeviceState
+
+    @classmethod
+    def from_json(cls, body: Any) -> "CheckinRequest":
+        version = _require(body, "model_version", int, where="checkin", optional=True)
+        return cls(model_version=version, state=DeviceState.from_json(_require(body, "state", dict, where="checkin")))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTask:
+    """One device's work for one round (the server's RoundConfig as the device sees it)."""
+
+    round_id: int
+    model_version: int
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    max_examples: int
+    clip_norm: float
+    deadline: float  # unix seconds; uploads after it are refused
+    encoding: str = "float32"
+
+    @classmethod
+    def from_json(cls, body: Any) -> "RoundTask":
+        w = "task"
+        return cls(
+            round_id=_require(body, "round_id", int, where=w),
+            model_version=_require(body, "model_version", int, where=w),
+            learning_rate=_require(body, "learning_rate", float, where=w),
+            epochs=_require(body, "epochs", int, where=w),
+            batch_size=_require(body, "batch_size", int, where=w),
+            max_examples=_require(body, "max_examples", int, where=w),
+            clip_norm=_require(body, "clip_norm", float, where=w),
+            deadline=_require(body, "deadline", float, where=w),
+            encoding=_require(body, "encoding", str, where=w, optional=True, default="float32"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckinResponse:
+    """Either a task (`action == "train"`) or "come back later" with a retry-after."""
+
+    action: str  # "train" | "wait"
+    task: RoundTask | None = None
+    retry_after: float | None = None  # seconds, with jitter, when action == "wait"
+    reason: str | None = None  # why waiting: "no_open_round", "round_full", ...
+
+    @classmethod
+    def from_json(cls, body: Any) -> "CheckinResponse":
+        action = _require(body, "action", str, where="checkin response")
+        if action == "train":
+            return cls(action, task=RoundTask.from_json(_require(body, "task", dict, where="checkin response")))
+        if action == "wait":
+            return cls(action, retry_after=_require(body, "retry_after", float, where="checkin response"),
+                       reason=_require(body, "reason", str, where="checkin response", optional=True))
+        raise ProtocolError(f"checkin response: unknown action {action!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadResponse:
+    """The server's answer to an upload: accepted (possibly a duplicate) or not."""
+
+    status: str  # "accepted"
+    update_id: int
+    duplicate: bool = False
+    update_norm: float | None = None  # norm the server measured before its own clipping
+
+
+def to_json(message) -> dict:
+    """Encode any message dataclass as a JSON-ready dict (None fields dropped)."""
+    return {k: v for k, v in dataclasses.asdict(message).items() if v is not None}
