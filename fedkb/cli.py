@@ -20,7 +20,25 @@ from fedkb.errors import FedkbError
 # Registered in this order in `fedkb --help`.
 _COMMAND_MODULES = (
     "fedkb.commands.data",
+    "fedkb.commands.baseline",
+    "fedkb.commands.export",
+    "fedkb.commands.serve",
+    "fedkb.commands.device",
+    "fedkb.commands.simulate",
+    "fedkb.commands.evaluate",
+    "fedkb.commands.suggest",
 )
+
+
+def _command_modules():
+    """Import each command module that is present (a module that does not exist is skipped;
+    an import error inside one is not)."""
+    for name in _COMMAND_MODULES:
+        try:
+            yield importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in _command_modules():
+        module.register(subparsers)
     return parser
 
 
