@@ -1,8 +1,9 @@
 """`fedkb export`: weights + tokenizer → a complete, verifiable model version folder.
 
 A version folder holds `trainable.tflite` (trains on the device), `inference.tflite`
-(suggestions), `tokenizer.model`, `weights.safetensors` (the same weights, for the server) and
-`manifest.json`, written last so a folder with a manifest is always complete.
+(suggestions), `tokenizer.model` and `manifest.json` (written last, so a folder with a manifest
+is complete), plus `weights.safetensors`, the same weights for the server, which devices never
+download and the manifest does not list.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def export_model(*, tokenizer_path: Path, out_dir: Path, config: ModelConfig, we
         shutil.copyfile(tokenizer_path, out_dir / mf.TOKENIZER_FILE)
     save_weights(out_dir / WEIGHTS_FILE, weights, metadata={"version": str(version)})
 
+    # weights.safetensors sits beside the manifest for the server (it aggregates in numpy) but is
+    # not part of what devices download, so it is not listed.
     files = {}
-    for name in (mf.TRAINABLE_FILE, mf.INFERENCE_FILE, mf.TOKENIZER_FILE, WEIGHTS_FILE):
+    for name in (mf.TRAINABLE_FILE, mf.INFERENCE_FILE, mf.TOKENIZER_FILE):
         path = out_dir / name
         files[name] = mf.FileEntry(sha256=mf.sha256_file(path), bytes=path.stat().st_size)
     manifest = mf.Manifest(
