@@ -179,7 +179,7 @@ def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | N
             raise UpdateRejected("malformed_update", "int8_scales must give a positive finite scale for every tensor")
     deltas = {}
     for spec in specs:
-        t = tensors[spec.name].astype(np.float32)
+        t = tensors[spec.name].astype(np.float32, copy=False)  # float32 arrays are already fresh copies
         if meta.encoding == "int8":
             t *= np.float32(scales[spec.name])
         if not np.all(np.isfinite(t)):

@@ -1,0 +1,212 @@
+"""Server configuration: one frozen dataclass, layered defaults → file → environment → overrides.
+
+The layering follows Flask's tutorial factory (`from_mapping`, then `from_pyfile`, then the
+test config) and `Config.from_prefixed_env("FEDKB")`: a setting may come from a JSON or TOML file,
+from `FEDKB_<FIELD>` environment variables (for example `FEDKB_GOAL_CLIENTS=50`), or from
+explicit overrides (command-line flags, tests), each layer winning over the one before.
+Secrets have no default: outside testing the server refuses to start without them, unlike the
+tutorial's `SECRET_KEY="dev"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedkb.errors import FedkbError
+
+ENV_PREFIX = "FEDKB_"
+
+
+class ConfigError(FedkbError):
+    """A setting that is missing, of the wrong type, or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything the server needs to know; see `fedkb serve --help` for the flags."""
+
+    # Storage.
+    state_dir: Path = Path("state")
+    init_model: Path | None = None  # folder written by `fedkb export`; copied in as the first version
+
+    # Rounds. Over-selection assigns ~30% more devices than the goal, as production systems do
+    # against dropout (Bonawitz et al., 2019, "Towards Federated Learning at Scale").
+    min_clients: int = 2
+    goal_clients: int = 10
+    over_selection: float = 1.3
+    round_timeout: float = 600.0  # seconds from opening to the deadline
+
+    # Aggregation: re-clip every update to clip_norm, then server SGD on the weighted mean delta.
+    clip_norm: float = 1.0
+    server_lr: float = 1.0  # 1.0 without momentum is plain FedAvg
+    server_momentum: float = 0.0  # > 0 is FedAvgM (Hsu et al., 2019)
+
+    # What a task asks of a device.
+    device_lr: float = 0.5
+    device_epochs: int = 1
+    device_batch_size: int | None = None  # None: the model's static B; anything else must equal it
+    device_max_examples: int = 1000
+    encoding: str = "float32"
+
+    # Limits and pacing.
+    max_body_bytes: int | None = None  # None: derived from the model (float32 update + header)
+    retry_after: float = 30.0  # seconds a device waits when there is no work for it
+    retry_jitter: float = 0.25  # retry_after is scaled by a uniform factor in [1-j, 1+j]
+
+    # Secrets (no defaults outside testing).
+    enrollment_secret: str | None = None
+    admin_token: str | None = None
+
+    # Process.
+    testing: bool = False
+    background_worker: bool = True  # fold, close and publish in a thread of this process
+    worker_interval: float = 0.2  # seconds between background worker passes when idle
+    checkpoint_interval: float = 1.0  # seconds of folding between running-sum checkpoints
+    log_json: bool = True
+
+    def __post_init__(self):
+        from fedkb.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
+
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.init_model is not None:
+            object.__setattr__(self, "init_model", Path(self.init_model))
+        problems = []
+        if self.min_clients < 1:
+            problems.append(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.goal_clients < self.min_clients:
+            problems.append(f"goal_clients ({self.goal_clients}) must be >= min_clients ({self.min_clients})")
+        if not self.over_selection >= 1.0:
+            problems.append(f"over_selection must be >= 1.0, got {self.over_selection}")
+        for name in ("round_timeout", "clip_norm", "server_lr", "device_lr", "worker_interval"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.checkpoint_interval) and self.checkpoint_interval >= 0):
+            problems.append(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+        if self.device_epochs < 1 or self.device_max_examples < 1:
+            problems.append("device_epochs and device_max_examples must be >= 1")
+        if self.device_batch_size is not None and self.device_batch_size < 1:
+            problems.append(f"device_batch_size must be >= 1, got {self.device_batch_size}")
+        if self.encoding not in ENCODINGS:
+            problems.append(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            problems.append(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not (self.retry_after > 0 and 0.0 <= self.retry_jitter < 1.0):
+            problems.append("retry_after must be > 0 and retry_jitter in [0, 1)")
+        if not self.testing:
+            for name in ("enrollment_secret", "admin_token"):
+                if not getattr(self, name):
+                    problems.append(f"{name} is not set (flag, FEDKB_{name.upper()} or config file); "
+                                    "the server does not start without it")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def max_assigned(self) -> int:
+        """How many devices one round hands tasks to: ceil(goal × over-selection)."""
+        return math.ceil(self.goal_clients * self.over_selection - 1e-9)
+
+    def public_json(self) -> dict:
+        """The settings without the secrets (for /v1/status and logs)."""
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("enrollment_secret", "admin_token")}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in body.items()}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(AggregatorConfig)}
+
+
+def _base_type(annotation) -> type:
+    """`int | None` → int, `Path` → Path (annotations are strings under `from __future__`)."""
+    hint = typing.get_type_hints(AggregatorConfig)[annotation]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(name: str, value: Any, *, where: str) -> Any:
+    kind = _base_type(name)
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null") and kind is not str):
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"not a number: {value!r}")
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {name}: {err}") from None
+
+
+def _from_mapping(mapping: Mapping[str, Any], *, where: str) -> dict:
+    out = {}
+    for key, value in mapping.items():
+        name = key.lower().replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
+        out[name] = _coerce(name, value, where=where)
+    return out
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror}") from None
+    try:
+        if str(path).endswith(".toml"):
+            import tomllib
+
+            body = tomllib.loads(text)
+        else:
+            body = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"config file {path}: cannot parse ({err})") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"config file {path}: expected a table/object of settings")
+    return _from_mapping(body, where=str(path))
+
+
+def _from_env(environ: Mapping[str, str]) -> dict:
+    picked = {k[len(ENV_PREFIX):]: v for k, v in environ.items()
+              if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in _FIELDS}
+    return _from_mapping(picked, where="environment")
+
+
+def load_config(*, file: Path | str | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> AggregatorConfig:
+    """Build the config from defaults, then a JSON/TOML file, then `FEDKB_*` variables, then overrides.
+
+    Args:
+        file: optional JSON (or `.toml`) file of settings, keys as the field names.
+        environ: the environment to read `FEDKB_*` from (default `os.environ`); only names that
+            are settings are read, so `FEDKB_LOG_LEVEL`-style variables of other parts are ignored.
+        overrides: explicit values (flags, tests); `None` values are skipped so unset flags do
+            not mask lower layers.
+
+    Raises:
+        ConfigError: an unknown setting, a value of the wrong type or out of range, or a
+            missing secret outside testing.
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(_read_file(Path(file)))
+    values.update(_from_env(os.environ if environ is None else environ))
+    if overrides:
+        values.update(_from_mapping({k: v for k, v in overrides.items() if v is not None}, where="overrides"))
+    return AggregatorConfig(**values)

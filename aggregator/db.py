@@ -1,0 +1,269 @@
+"""SQLite persistence: schema, one connection per request on `g`, and the queries.
+
+WAL mode lets readers (status, check-ins) run beside the one writer; `synchronous=FULL` makes a
+committed accept durable before the server answers. Writers use `BEGIN IMMEDIATE`, so the check
+"is the round still open?" and the write that depends on it happen under the same lock, across
+threads and gunicorn worker processes alike. Autocommit mode (`isolation_level=None`) keeps the
+transactions exactly where `transaction()` puts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator
+
+from flask import Flask, current_app, g
+
+from aggregator.rounds import ACTIVE_STATES, RoundRecord
+
+DB_FILE = "fedkb.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    enrolled_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    parent_version INTEGER,
+    round_id INTEGER,
+    created_at REAL NOT NULL,
+    num_clients INTEGER NOT NULL DEFAULT 0,
+    total_examples INTEGER NOT NULL DEFAULT 0,
+    publish_seconds REAL,
+    eval_json TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    min_clients INTEGER NOT NULL,
+    goal_clients INTEGER NOT NULL,
+    max_assigned INTEGER NOT NULL,
+    clip_norm REAL NOT NULL,
+    learning_rate REAL NOT NULL,
+    epochs INTEGER NOT NULL,
+    batch_size INTEGER NOT NULL,
+    max_examples INTEGER NOT NULL,
+    encoding TEXT NOT NULL,
+    assigned INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    folded INTEGER NOT NULL DEFAULT 0,
+    total_examples INTEGER NOT NULL DEFAULT 0,
+    closed_at REAL,
+    outcome TEXT,
+    published_version INTEGER,
+    aggregate_seconds REAL,
+    publish_seconds REAL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    assigned_at REAL NOT NULL,
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    update_norm REAL NOT NULL,
+    device_norm REAL NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    blob TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    UNIQUE (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    round_id INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (round_id, reason)
+);
+"""
+
+
+def connect(state_dir: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode with WAL, full sync and a generous busy timeout."""
+    conn = sqlite3.connect(Path(state_dir) / DB_FILE, isolation_level=None, timeout=30.0, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def init_db(state_dir: Path) -> None:
+    """Create the database and tables if absent (idempotent; safe from several processes)."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    conn = connect(state_dir)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+    finally:
+        conn.close()
+
+
+def get_db() -> sqlite3.Connection:
+    """The request's connection, opened on first use and closed at teardown."""
+    if "db" not in g:
+        g.db = connect(current_app.extensions["fedkb"].config.state_dir)
+    return g.db
+
+
+def _close_db(_exc=None) -> None:
+    conn = g.pop("db", None)
+    if conn is not None:
+        conn.close()
+
+
+def init_app(app: Flask) -> None:
+    app.teardown_appcontext(_close_db)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# Devices.
+
+def add_device(conn, device_id: str, token_hash: str, platform: str) -> None:
+    conn.execute("INSERT INTO devices (id, token_hash, platform, enrolled_at) VALUES (?, ?, ?, ?)",
+                 (device_id, token_hash, platform, time.time()))
+
+
+def device_token_hash(conn, device_id: str) -> str | None:
+    row = conn.execute("SELECT token_hash FROM devices WHERE id = ?", (device_id,)).fetchone()
+    return None if row is None else row["token_hash"]
+
+
+# Rounds.
+
+_ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(RoundRecord))
+
+
+def _round(row) -> RoundRecord | None:
+    return None if row is None else RoundRecord(**{k: row[k] for k in _ROUND_FIELDS})
+
+
+def get_round(conn, round_id: int) -> RoundRecord | None:
+    return _round(conn.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone())
+
+
+def active_round(conn) -> RoundRecord | None:
+    """The open or closing round, if any (there is at most one)."""
+    marks = ",".join("?" * len(ACTIVE_STATES))
+    return _round(conn.execute(f"SELECT * FROM rounds WHERE state IN ({marks}) ORDER BY id DESC LIMIT 1",
+                               ACTIVE_STATES).fetchone())
+
+
+def recent_rounds(conn, limit: int = 20) -> list[RoundRecord]:
+    return [_round(r) for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (limit,))]
+
+
+def insert_round(conn, settings: dict) -> int:
+    cols = ",".join(settings)
+    cur = conn.execute(f"INSERT INTO rounds ({cols}) VALUES ({','.join('?' * len(settings))})", tuple(settings.values()))
+    return int(cur.lastrowid)
+
+
+def update_round(conn, round_id: int, **fields) -> None:
+    sets = ",".join(f"{k} = ?" for k in fields)
+    conn.execute(f"UPDATE rounds SET {sets} WHERE id = ?", (*fields.values(), round_id))
+
+
+# Tasks and updates.
+
+def has_task(conn, round_id: int, device_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM tasks WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone() is not None
+
+
+def add_task(conn, round_id: int, device_id: str) -> None:
+    conn.execute("INSERT INTO tasks (round_id, device_id, assigned_at) VALUES (?, ?, ?)", (round_id, device_id, time.time()))
+    conn.execute("UPDATE rounds SET assigned = assigned + 1 WHERE id = ?", (round_id,))
+
+
+def find_update(conn, round_id: int, device_id: str):
+    return conn.execute("SELECT * FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone()
+
+
+def add_update(conn, *, round_id: int, device_id: str, num_examples: int, update_norm: float, device_norm: float,
+               body_sha256: str, size: int, blob: str) -> int:
+    cur = conn.execute(
+        "INSERT INTO updates (round_id, device_id, num_examples, update_norm, device_norm, body_sha256, bytes, blob,"
+        " accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (round_id, device_id, num_examples, update_norm, device_norm, body_sha256, size, blob, time.time()))
+    return int(cur.lastrowid)
+
+
+def updates_after(conn, round_id: int, after_id: int, limit: int) -> list:
+    return conn.execute("SELECT id, blob, num_examples FROM updates WHERE round_id = ? AND id > ? ORDER BY id LIMIT ?",
+                        (round_id, after_id, limit)).fetchall()
+
+
+def update_norms(conn, round_id: int, limit: int = 2000) -> list[float]:
+    return [r[0] for r in conn.execute("SELECT update_norm FROM updates WHERE round_id = ? ORDER BY id LIMIT ?",
+                                       (round_id, limit))]
+
+
+def count_rejection(conn, round_id: int, reason: str, size: int) -> None:
+    conn.execute("INSERT INTO rejections (round_id, reason, count, bytes) VALUES (?, ?, 1, ?) "
+                 "ON CONFLICT (round_id, reason) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes",
+                 (round_id, reason, size))
+
+
+def rejections(conn, round_id: int | None = None) -> dict[str, int]:
+    if round_id is None:
+        rows = conn.execute("SELECT reason, SUM(count) FROM rejections GROUP BY reason")
+    else:
+        rows = conn.execute("SELECT reason, count FROM rejections WHERE round_id = ?", (round_id,))
+    return {r[0]: int(r[1]) for r in rows}
+
+
+# Versions.
+
+def latest_version(conn) -> int | None:
+    row = conn.execute("SELECT MAX(version) FROM versions").fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def add_version(conn, *, version: int, parent_version: int | None, round_id: int | None, num_clients: int = 0,
+                total_examples: int = 0, publish_seconds: float | None = None) -> None:
+    conn.execute("INSERT INTO versions (version, parent_version, round_id, created_at, num_clients, total_examples,"
+                 " publish_seconds) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (version, parent_version, round_id, time.time(), num_clients, total_examples, publish_seconds))
+
+
+def versions(conn, limit: int = 50) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT * FROM versions ORDER BY version DESC LIMIT ?", (limit,))]
+
+
+def set_eval(conn, version: int, eval_json: str) -> bool:
+    return conn.execute("UPDATE versions SET eval_json = ? WHERE version = ?", (eval_json, version)).rowcount == 1
+
+
+def totals(conn) -> dict:
+    """Counters since the state directory was created (for /metrics)."""
+    accepted, accepted_bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM updates").fetchone()
+    rejected_bytes = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM rejections").fetchone()[0]
+    outcomes = {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM rounds GROUP BY state")}
+    devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+    return {"accepted": int(accepted), "bytes_received": int(accepted_bytes) + int(rejected_bytes),
+            "rounds": outcomes, "devices": int(devices)}

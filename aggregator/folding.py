@@ -1,0 +1,219 @@
+"""Durable accept, then fold: how an accepted update survives a crash and counts exactly once.
+
+Accepting an update (request path, any thread or gunicorn worker):
+    1. validate it fully (`fedkb.wire.decode_update`, re-clip);
+    2. write the body as received to `<state>/inbox/<round>/<device>-<rand>.safetensors`, fsync
+       the file and the folder (`write_blob`);
+    3. in one SQLite transaction (synchronous=FULL), re-check the round is open and insert the
+       `updates` row that names the blob; only then answer "accepted".
+   A crash before 3 commits leaves an orphan blob that no row names: it is never folded and is
+   deleted with its round's inbox.
+
+Folding (the single `Folder` per state directory, holder of `<state>/folder.lock`):
+    1. read rows with id > last_folded_id in id order, decode and re-clip each blob, add
+       n·Δ to the running float64 sum (`aggregator.fedavg`);
+    2. checkpoint {sum, Σn, count, last_folded_id} atomically to `<state>/sums/<round>.safetensors`;
+    3. only then delete the folded blobs.
+   After `kill -9` anywhere, restart loads the checkpoint and refolds every row with a larger id;
+   blobs at or below last_folded_id are never read again. Every accepted row is thus in the sum
+   exactly once, and memory is O(model) whatever the number of updates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+
+from aggregator import db
+from aggregator.fedavg import ClippedSum, WeightedSum
+from aggregator.fsutil import atomic_write, fsync_dir
+from aggregator.model_store import save_tensors
+from aggregator.rounds import RoundRecord
+from fedkb.wire import WeightSpec, decode_update
+
+log = logging.getLogger(__name__)
+
+INBOX_DIR = "inbox"
+SUMS_DIR = "sums"
+LOCK_FILE = "folder.lock"
+
+
+def write_blob(state_dir: Path, round_id: int, device_id: str, body: bytes) -> Path:
+    """Write an accepted body durably under a unique name; return its path."""
+    folder = Path(state_dir) / INBOX_DIR / str(round_id)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(folder.parent)
+    # A unique suffix: two racing uploads of one device never overwrite each other's blob.
+    return atomic_write(folder / f"{device_id}-{secrets.token_hex(4)}.safetensors", body)
+
+
+class FolderLock:
+    """An exclusive, non-blocking `flock` on `<state>/folder.lock`, held for the process's life.
+
+    The kernel drops it when the holder dies, even by `kill -9`, so another process (another
+    gunicorn worker, or the restarted server) takes over folding.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class RoundSum:
+    """A round's running sum plus the id of the last update folded into it."""
+
+    def __init__(self, round_id: int, specs: list[WeightSpec], clip_norm: float, *, total: WeightedSum | None = None,
+                 last_folded_id: int = 0):
+        self.round_id = round_id
+        self.specs = specs
+        self.total = total or WeightedSum({s.name: s.shape for s in specs})
+        self.clipped = ClippedSum(self.total, clip_norm)
+        self.last_folded_id = last_folded_id
+
+
+class Folder:
+    """Folds accepted blobs of the active round into its checkpointed running sum."""
+
+    def __init__(self, state_dir: Path, *, checkpoint_interval: float = 1.0, batch: int = 64):
+        self.state_dir = Path(state_dir)
+        self.sums_dir = self.state_dir / SUMS_DIR
+        self.inbox_dir = self.state_dir / INBOX_DIR
+        self.checkpoint_interval = checkpoint_interval
+        self.batch = batch
+        self._current: RoundSum | None = None
+        self._pending_delete: list[Path] = []
+        self._last_checkpoint = 0.0
+        self.fold_seconds = 0.0  # time spent decoding and adding, for the round's aggregate_seconds
+
+    def checkpoint_path(self, round_id: int) -> Path:
+        return self.sums_dir / f"{round_id}.safetensors"
+
+    def load(self, round_: RoundRecord, specs: list[WeightSpec]) -> RoundSum:
+        """The round's sum: cached, else from its checkpoint, else empty."""
+        if self._current is not None and self._current.round_id == round_.id:
+            return self._current
+        self._pending_delete.clear()
+        self.fold_seconds = 0.0
+        path = self.checkpoint_path(round_.id)
+        if path.is_file():
+            raw = path.read_bytes()
+            from fedkb.wire import read_header
+
+            _, meta, _ = read_header(raw)
+            total = WeightedSum.restore(st_load(raw), total_examples=int(meta["total_examples"]),
+                                        count=int(meta["count"]))
+            current = RoundSum(round_.id, specs, round_.clip_norm, total=total,
+                               last_folded_id=int(meta["last_folded_id"]))
+            self.fold_seconds = float(meta.get("fold_seconds", 0.0))
+            log.info("resumed round sum", extra={"round_id": round_.id, "folded": total.count,
+                                                  "last_folded_id": current.last_folded_id})
+        else:
+            current = RoundSum(round_.id, specs, round_.clip_norm)
+        self._current = current
+        # Blobs at or below the checkpoint's id were folded before a crash cut their deletion short.
+        self._delete_folded_leftovers(current)
+        return current
+
+    def _delete_folded_leftovers(self, current: RoundSum) -> None:
+        conn = db.connect(self.state_dir)
+        try:
+            rows = conn.execute("SELECT blob FROM updates WHERE round_id = ? AND id <= ?",
+                                (current.round_id, current.last_folded_id)).fetchall()
+        finally:
+            conn.close()
+        for row in rows:
+            (self.state_dir / row["blob"]).unlink(missing_ok=True)
+
+    def fold_pending(self, conn, round_: RoundRecord, specs: list[WeightSpec], *, force_checkpoint: bool = False) -> int:
+        """Fold every accepted, not yet folded update of the round; return how many were folded.
+
+        Checkpoints at most every `checkpoint_interval` seconds (and always when forced or when
+        the round is no longer open), then deletes the blobs the checkpoint covers.
+        """
+        current = self.load(round_, specs)
+        folded = 0
+        while True:
+            rows = db.updates_after(conn, round_.id, current.last_folded_id, self.batch)
+            if not rows:
+                break
+            for row in rows:
+                start = time.perf_counter()
+                path = self.state_dir / row["blob"]
+                update = decode_update(path.read_bytes(), specs, max_examples=None)
+                current.clipped.add(update.deltas, row["num_examples"])
+                current.last_folded_id = int(row["id"])
+                self._pending_delete.append(path)
+                self.fold_seconds += time.perf_counter() - start
+                folded += 1
+        if self._pending_delete and (force_checkpoint or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval):
+            self.checkpoint(conn)
+        return folded
+
+    def checkpoint(self, conn) -> None:
+        """Write the sum atomically, record progress in SQLite, then delete the folded blobs."""
+        current = self._current
+        if current is None:
+            return
+        self.sums_dir.mkdir(exist_ok=True)
+        meta = {"round_id": str(current.round_id), "last_folded_id": str(current.last_folded_id),
+                "total_examples": str(current.total.total_examples), "count": str(current.total.count),
+                "fold_seconds": repr(self.fold_seconds)}
+        save_tensors(self.checkpoint_path(current.round_id), current.total.weighted_sum, metadata=meta)
+        self._last_checkpoint = time.monotonic()
+        db.update_round(conn, current.round_id, folded=current.total.count,
+                        total_examples=current.total.total_examples)
+        for path in self._pending_delete:
+            path.unlink(missing_ok=True)
+        self._pending_delete.clear()
+
+    def current(self, round_id: int) -> RoundSum | None:
+        return self._current if self._current is not None and self._current.round_id == round_id else None
+
+    def discard(self, round_id: int) -> None:
+        """Forget a finished round: its checkpoint and inbox go."""
+        if self._current is not None and self._current.round_id == round_id:
+            self._current = None
+            self._pending_delete.clear()
+        self.checkpoint_path(round_id).unlink(missing_ok=True)
+        shutil.rmtree(self.inbox_dir / str(round_id), ignore_errors=True)
+
+    def remove_stale(self, active_round_id: int | None) -> None:
+        """Delete checkpoints and inboxes of rounds that are no longer active (crash leftovers)."""
+        for path in list(self.sums_dir.glob("*.safetensors")) if self.sums_dir.is_dir() else []:
+            if path.stem != str(active_round_id):
+                path.unlink(missing_ok=True)
+        for path in list(self.inbox_dir.iterdir()) if self.inbox_dir.is_dir() else []:
+            if path.name != str(active_round_id):
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.sums_dir.glob(".*.tmp") if self.sums_dir.is_dir() else []:
+            path.unlink(missing_ok=True)

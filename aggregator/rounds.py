@@ -1,0 +1,104 @@
+"""The round lifecycle as plain decisions over a round's record: no SQL, no HTTP.
+
+A round opens with model version v and hands tasks to devices until ceil(goal × over-selection)
+hold one (over-selection absorbs dropout, Bonawitz et al., 2019, "Towards Federated Learning at
+Scale", https://arxiv.org/abs/1902.01046). It closes when `goal` updates are accepted, or at its
+deadline if at least `min` were; otherwise it is abandoned. Devices that find no work are told to
+come back after a jittered delay (pace steering), so a fleet does not return in lockstep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from fedkb.protocol import CheckinResponse, RoundTask
+
+OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
+ACTIVE_STATES = (OPEN, CLOSING)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    """One round as the database holds it (the server's RoundConfig plus its progress)."""
+
+    id: int
+    model_version: int
+    state: str
+    opened_at: float
+    deadline: float
+    min_clients: int
+    goal_clients: int
+    max_assigned: int
+    clip_norm: float
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    max_examples: int
+    encoding: str
+    assigned: int = 0
+    accepted: int = 0
+    folded: int = 0
+    total_examples: int = 0
+    closed_at: float | None = None
+    outcome: str | None = None  # why it closed or was abandoned
+    published_version: int | None = None
+    aggregate_seconds: float | None = None
+    publish_seconds: float | None = None
+
+    def task(self) -> RoundTask:
+        """The task a device receives for this round."""
+        return RoundTask(round_id=self.id, model_version=self.model_version, learning_rate=self.learning_rate,
+                         epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples,
+                         clip_norm=self.clip_norm, deadline=self.deadline, encoding=self.encoding)
+
+    def accepting(self, now: float) -> bool:
+        """Whether an upload arriving now may still count."""
+        return self.state == OPEN and now < self.deadline
+
+
+def round_settings(config, *, model_version: int, batch_size: int, now: float) -> dict:
+    """The columns of a new round, frozen from the config at opening time."""
+    return dict(model_version=model_version, state=OPEN, opened_at=now, deadline=now + config.round_timeout,
+                min_clients=config.min_clients, goal_clients=config.goal_clients, max_assigned=config.max_assigned,
+                clip_norm=config.clip_norm, learning_rate=config.device_lr, epochs=config.device_epochs,
+                batch_size=batch_size, max_examples=config.device_max_examples, encoding=config.encoding)
+
+
+def checkin_decision(round_: RoundRecord | None, *, has_task: bool, has_submitted: bool, now: float) -> str:
+    """What a checking-in device gets: "train", "assign" (a new task) or a wait reason.
+
+    Wait reasons: `no_open_round` (between rounds, or past the deadline), `already_submitted`
+    (this device's update for the round is in), `round_full` (enough devices hold tasks).
+    """
+    if round_ is None or not round_.accepting(now):
+        return "no_open_round"
+    if has_submitted:
+        return "already_submitted"
+    if has_task:
+        return "train"
+    if round_.assigned >= round_.max_assigned:
+        return "round_full"
+    return "assign"
+
+
+def deadline_outcome(round_: RoundRecord, now: float) -> str | None:
+    """At or after the deadline of an open round: CLOSING if it has its minimum, else ABANDONED."""
+    if round_.state != OPEN or now < round_.deadline:
+        return None
+    return CLOSING if round_.accepted >= round_.min_clients else ABANDONED
+
+
+def state_after_accept(round_: RoundRecord) -> str:
+    """An accepted update that reaches the goal closes the round to further uploads."""
+    return CLOSING if round_.accepted + 1 >= round_.goal_clients else OPEN
+
+
+def retry_after(base: float, jitter: float, rng: random.Random | None = None) -> float:
+    """base × U(1 − jitter, 1 + jitter), rounded to 10 ms."""
+    r = (rng or random).uniform(1.0 - jitter, 1.0 + jitter)
+    return round(max(0.01, base * r), 2)
+
+
+def wait_response(reason: str, *, base: float, jitter: float, rng: random.Random | None = None) -> CheckinResponse:
+    return CheckinResponse("wait", retry_after=retry_after(base, jitter, rng), reason=reason)

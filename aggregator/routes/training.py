@@ -1,0 +1,220 @@
+"""Training traffic: check-in (a task or "come back later") and update uploads.
+
+Upload validation runs in this order, every step before any maths and before any state changes:
+bearer auth → round exists → the device holds a task for it → Content-Length within the bound
+(413 before reading) → an identical retry of an accepted update answers `duplicate` → the round is
+still accepting → `fedkb.wire.decode_update` (names, shapes, dtypes, finiteness, example count) →
+metadata names this round, this device and the round's model version → the norm is measured
+(the folder re-clips to the round's clip norm) → the body is written durably and recorded in one
+transaction. A rejection changes nothing but the rejection counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+from flask import Blueprint, jsonify, request
+
+from aggregator import db, rounds
+from aggregator.app import update_size_limit
+from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
+from aggregator.folding import write_blob
+from aggregator.routes import authenticate_device, json_body, server
+from fedkb.clipping import global_norm
+from fedkb.protocol import CheckinRequest, CheckinResponse, UploadResponse, to_json
+from fedkb.wire import UpdateRejected, decode_update, read_header
+
+bp = Blueprint("training", __name__)
+log = logging.getLogger(__name__)
+
+
+@bp.post("/v1/checkin")
+def checkin():
+    """Give an eligible device a task for the open round, or a jittered retry-after.
+
+    :raise 400: the body is not a `CheckinRequest`.
+    :raise 401: missing or wrong device token.
+    """
+    device_id = authenticate_device()
+    CheckinRequest.from_json(json_body())  # validated; the state is not used for selection yet
+    state, conn, now = server(), db.get_db(), time.time()
+
+    def decide(round_):
+        if round_ is None:
+            return rounds.checkin_decision(None, has_task=False, has_submitted=False, now=now)
+        return rounds.checkin_decision(round_, has_task=db.has_task(conn, round_.id, device_id),
+                                       has_submitted=db.find_update(conn, round_.id, device_id) is not None, now=now)
+
+    round_ = db.active_round(conn)
+    decision = decide(round_)
+    if decision == "assign":  # re-decide under the write lock: the last free slot may be gone
+        with db.transaction(conn):
+            round_ = db.active_round(conn)
+            decision = decide(round_)
+            if decision == "assign":
+                db.add_task(conn, round_.id, device_id)
+    if decision in ("assign", "train"):
+        return jsonify(to_json(CheckinResponse("train", task=round_.task())))
+    cfg = state.config
+    response = rounds.wait_response(decision, base=cfg.retry_after, jitter=cfg.retry_jitter, rng=state.rng)
+    out = jsonify(to_json(response))
+    out.headers["Retry-After"] = str(max(1, round(response.retry_after)))
+    return out
+
+
+@bp.post("/v1/rounds/<int:round_id>/updates")
+def upload(round_id: int):
+    """Accept one device's update for one round (idempotent per device and round).
+
+    :raise 400: malformed body or metadata (`malformed_update`, `weight_mismatch`, `non_finite`,
+        `bad_num_examples`, `bad_encoding`, `round_mismatch`, `device_mismatch`).
+    :raise 401: missing or wrong device token (`unauthorized`).
+    :raise 403: the device holds no task for this round (`no_task`).
+    :raise 404: no such round (`unknown_round`).
+    :raise 409: `round_closed`, `stale_model_version`, or `already_submitted` (a different body).
+    :raise 411/413: no Content-Length (`length_required`) or too large (`payload_too_large`).
+    """
+    start = time.perf_counter()
+    state, conn = server(), db.get_db()
+    known_round = 0  # rejections against an unknown round are counted under round 0
+    try:
+        device_id = authenticate_device()
+        round_ = db.get_round(conn, round_id)
+        if round_ is None:
+            raise NotFound(f"round {round_id} does not exist", code="unknown_round")
+        known_round = round_id
+        if not db.has_task(conn, round_id, device_id):
+            raise Forbidden(f"device {device_id} holds no task for round {round_id}", code="no_task")
+        body = _read_bounded_body(update_size_limit(state.config, sum(w.size for w in state.store.specs(round_.model_version))))
+        body_sha256 = _content_digest(body)
+
+        existing = db.find_update(conn, round_id, device_id)
+        if existing is not None:
+            return _duplicate(existing, body_sha256)
+        if not round_.accepting(time.time()):
+            raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
+
+        update = decode_update(body, state.store.specs(round_.model_version), max_examples=round_.max_examples)
+        meta = update.metadata
+        if meta.round_id != round_id:
+            raise UpdateRejected("round_mismatch", f"update is for round {meta.round_id}, posted to round {round_id}")
+        if meta.device_id != device_id:
+            raise UpdateRejected("device_mismatch", f"update names device {meta.device_id!r}, token is {device_id!r}")
+        if meta.model_version != round_.model_version:
+            raise UpdateRejected("stale_model_version",
+                                 f"update is against version {meta.model_version}, round {round_id} trains "
+                                 f"version {round_.model_version}")
+        norm = global_norm(update.deltas)  # before the server's clipping, which the folder applies
+        try:
+            update_id = _accept(state, conn, round_id, device_id, body, body_sha256, meta.num_examples, norm,
+                                meta.update_norm)
+        except _Duplicate as twin:
+            return _duplicate(twin.row, body_sha256)
+    except (ApiError, UpdateRejected) as err:
+        _count_rejection(conn, known_round, err.code, request.content_length or 0)
+        raise
+    state.worker.wake()
+    state.metrics.request_seconds.labels("upload").observe(time.perf_counter() - start)
+    log.info("update accepted", extra={"round_id": round_id, "device_id": device_id, "update_id": update_id,
+                                       "num_examples": meta.num_examples, "update_norm": round(norm, 6),
+                                       "bytes": len(body), "ms": round(1000 * (time.perf_counter() - start), 2)})
+    return jsonify(to_json(UploadResponse(status="accepted", update_id=update_id, update_norm=norm)))
+
+
+def _read_bounded_body(limit: int) -> bytes:
+    length = request.content_length
+    if length is None:
+        raise LengthRequired("an update needs a Content-Length header")
+    if length > limit:
+        raise PayloadTooLarge(f"update of {length} bytes exceeds this round's limit of {limit}")
+    body = _read_exactly(request.environ["wsgi.input"], length)
+    if len(body) != length:
+        raise BadRequest(f"body ended after {len(body)} of {length} bytes", code="malformed_update")
+    return body
+
+
+def _read_exactly(stream, length: int) -> bytes:
+    """Read `length` bytes straight from the WSGI input, in few large reads.
+
+    Werkzeug's `get_data` assembles the body from 64 KiB chunks in Python (about 7 ms for 4 MB,
+    holding the GIL); the length is already checked against the bound, so reading the server's
+    input stream directly is safe and several times cheaper.
+    """
+    parts, remaining = [], length
+    while remaining > 0:
+        chunk = stream.read(remaining)
+        if not chunk:
+            break
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _content_digest(body: bytes) -> str:
+    """sha256 of an update's content: its tensor data plus its header with sorted keys.
+
+    safetensors writes its metadata map in hash order, so two encodings of the same update can
+    differ in bytes; a retry is recognized by what it says, not by how the header was ordered.
+    """
+    try:
+        header, metadata, data_start = read_header(body)
+    except UpdateRejected:
+        return hashlib.sha256(body).hexdigest()
+    canonical = json.dumps({"tensors": header, "metadata": metadata}, sort_keys=True).encode()
+    digest = hashlib.sha256(canonical)
+    digest.update(memoryview(body)[data_start:])
+    return digest.hexdigest()
+
+
+def _duplicate(existing, body_sha256: str):
+    if existing["body_sha256"] != body_sha256:
+        raise Conflict(f"device already submitted update {existing['id']} for round {existing['round_id']}",
+                       code="already_submitted")
+    return jsonify(to_json(UploadResponse(status="accepted", update_id=int(existing["id"]), duplicate=True,
+                                          update_norm=float(existing["update_norm"]))))
+
+
+def _accept(state, conn, round_id, device_id, body, body_sha256, num_examples, norm, device_norm) -> int:
+    """Write the blob durably, then record it in one transaction that re-checks the round."""
+    try:
+        blob = write_blob(state.config.state_dir, round_id, device_id, body)
+    except FileNotFoundError:  # the round ended and its inbox was removed while we wrote
+        raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed") from None
+    try:
+        with db.transaction(conn):
+            fresh = db.get_round(conn, round_id)
+            if not fresh.accepting(time.time()):
+                raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
+            twin = db.find_update(conn, round_id, device_id)
+            if twin is not None:  # a concurrent retry won the race: answer as its duplicate
+                raise _Duplicate(twin)
+            update_id = db.add_update(conn, round_id=round_id, device_id=device_id, num_examples=num_examples,
+                                      update_norm=norm, device_norm=device_norm, body_sha256=body_sha256,
+                                      size=len(body), blob=str(blob.relative_to(state.config.state_dir)))
+            db.update_round(conn, round_id, accepted=fresh.accepted + 1, state=rounds.state_after_accept(fresh))
+    except BaseException:
+        blob.unlink(missing_ok=True)
+        raise
+    return update_id
+
+
+class _Duplicate(Exception):
+    """Raised inside the accept transaction when a concurrent twin of this upload committed first."""
+
+    def __init__(self, row):
+        super().__init__(row["id"])
+        self.row = row
+
+
+def _count_rejection(conn, round_id: int, reason: str, size: int) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        with db.transaction(conn):
+            db.count_rejection(conn, round_id, reason, size)
+    except Exception:  # counting must never turn a 4xx into a 500
+        log.exception("could not count a rejection")
+    log.info("update rejected", extra={"round_id": round_id, "reason": reason, "bytes": size})

@@ -1,0 +1,201 @@
+"""The background worker: one per state directory, it folds, closes, publishes and opens rounds.
+
+Every server process runs a `Worker` thread, but only the holder of the folder lock acts, so
+several gunicorn workers share one state directory safely and the lock passes on when its holder
+dies. Each pass (`run_once`):
+
+    1. make sure a round is active (open one at the latest version if none is);
+    2. apply the deadline: an open round past it closes if it has `min_clients` updates, else is
+       abandoned;
+    3. fold the accepted updates of the active round into its running sum;
+    4. a closing round whose updates are all folded gets its new weights (server optimizer step
+       on the weighted mean), which are published as version v+1; then the next round opens.
+
+Crash recovery is the same code: a restarted worker finds the closing round, loads the checkpoint,
+folds what is left and publishes. Publishing is idempotent: a version folder left behind by a
+crash before its database row was written is removed and written again from the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+
+from aggregator import db
+from aggregator.fedavg import server_step
+from aggregator.folding import Folder, FolderLock
+from aggregator.model_store import ModelStore
+from aggregator.publish import publish_version
+from aggregator.rounds import ABANDONED, CLOSED, CLOSING, OPEN, RoundRecord, deadline_outcome, round_settings
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Folds, closes, publishes and opens rounds for one state directory (see module doc)."""
+
+    def __init__(self, config, store: ModelStore, *, on_round_end=None):
+        self.config = config
+        self.store = store
+        self.lock = FolderLock(config.state_dir)
+        self.folder = Folder(config.state_dir, checkpoint_interval=config.checkpoint_interval)
+        self.on_round_end = on_round_end  # callback(round, outcome, seconds) for metrics
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._started_cleanup = False
+        self.last_error: str | None = None
+
+    # Thread control.
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fedkb-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.lock.release()
+
+    def wake(self) -> None:
+        """Ask for a pass now (an upload arrived, a round may be complete)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+                self.last_error = None
+            except Exception as err:  # keep the worker alive; the next pass retries
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.exception("worker pass failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.config.worker_interval)
+                self._wake.clear()
+
+    # One pass.
+
+    def run_once(self, now: float | None = None) -> bool:
+        """Do one pass if this process holds the folder lock; return True if it did work."""
+        if not self.lock.try_acquire():
+            return False
+        conn = db.connect(self.config.state_dir)
+        try:
+            if not self._started_cleanup:
+                self.store.remove_partial()
+                active = db.active_round(conn)
+                self.folder.remove_stale(active.id if active else None)
+                self._started_cleanup = True
+            return self._pass(conn, time.time() if now is None else now)
+        finally:
+            conn.close()
+
+    def _pass(self, conn, now: float) -> bool:
+        round_ = db.active_round(conn)
+        if round_ is None:
+            self._open_round(conn, now)
+            return True
+
+        # Deadline.
+        outcome = deadline_outcome(round_, now)
+        if outcome is not None:
+            with db.transaction(conn):
+                fresh = db.get_round(conn, round_.id)
+                outcome = deadline_outcome(fresh, now)
+                if outcome == ABANDONED:
+                    db.update_round(conn, round_.id, state=ABANDONED, closed_at=now,
+                                    outcome=f"deadline with {fresh.accepted} of the minimum {fresh.min_clients} updates")
+                elif outcome == CLOSING:
+                    db.update_round(conn, round_.id, state=CLOSING, outcome=f"deadline with {fresh.accepted} updates")
+            if outcome == ABANDONED:
+                self.folder.discard(round_.id)
+                log.warning("round abandoned", extra={"round_id": round_.id, "accepted": fresh.accepted,
+                                                      "min_clients": fresh.min_clients})
+                self._notify(fresh, ABANDONED, None)
+                self._open_round(conn, now)
+                return True
+            round_ = db.get_round(conn, round_.id)
+
+        # Fold.
+        specs = self.store.specs(round_.model_version)
+        folded = self.folder.fold_pending(conn, round_, specs, force_checkpoint=round_.state == CLOSING)
+
+        # Close and publish.
+        if round_.state == CLOSING:
+            current = self.folder.current(round_.id)
+            round_ = db.get_round(conn, round_.id)  # accepted is final once the round is closing
+            if current is not None and current.total.count == round_.accepted:
+                self._close(conn, round_)
+                return True
+        return folded > 0
+
+    def _open_round(self, conn, now: float) -> RoundRecord:
+        with db.transaction(conn):
+            existing = db.active_round(conn)
+            if existing is not None:
+                return existing
+            version = db.latest_version(conn)
+            manifest = self.store.manifest(version)
+            settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now)
+            round_id = db.insert_round(conn, settings)
+        log.info("round opened", extra={"round_id": round_id, "model_version": version,
+                                        "goal_clients": self.config.goal_clients})
+        return db.get_round(conn, round_id)
+
+    def _close(self, conn, round_: RoundRecord) -> None:
+        start = time.perf_counter()
+        current = self.folder.current(round_.id)
+        parent = round_.model_version
+
+        # Server computation: w ← w + η·(β·v + Δ̄).
+        mean_delta = current.total.mean()
+        step = server_step(self.store.weights(parent), mean_delta, server_lr=self.config.server_lr,
+                           momentum=self.config.server_momentum,
+                           velocity=self.store.velocity(parent) if self.config.server_momentum else None)
+        aggregate_seconds = self.folder.fold_seconds + (time.perf_counter() - start)
+
+        # Publishing.
+        publish_start = time.perf_counter()
+        new_version = db.latest_version(conn) + 1
+        stale = self.store.version_dir(new_version)
+        if stale.exists():  # published before a crash, but never recorded: write it again
+            shutil.rmtree(stale)
+        publish_version(self.store, parent=parent, version=new_version, weights=step.weights,
+                        velocity=step.velocity if self.config.server_momentum else None,
+                        extra={"round_id": round_.id, "num_clients": current.total.count})
+        publish_seconds = time.perf_counter() - publish_start
+
+        # Record, then open the next round at the new version.
+        now = time.time()
+        with db.transaction(conn):
+            db.add_version(conn, version=new_version, parent_version=parent, round_id=round_.id,
+                           num_clients=current.total.count, total_examples=current.total.total_examples,
+                           publish_seconds=publish_seconds)
+            db.update_round(conn, round_.id, state=CLOSED, closed_at=now, published_version=new_version,
+                            folded=current.total.count, total_examples=current.total.total_examples,
+                            aggregate_seconds=aggregate_seconds, publish_seconds=publish_seconds,
+                            outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached")
+        self.folder.discard(round_.id)
+        log.info("round closed", extra={"round_id": round_.id, "new_version": new_version,
+                                        "clients": current.total.count, "examples": current.total.total_examples,
+                                        "aggregate_seconds": round(aggregate_seconds, 4),
+                                        "publish_seconds": round(publish_seconds, 4)})
+        self._notify(db.get_round(conn, round_.id), CLOSED, publish_seconds)
+        self._open_round(conn, now)
+
+    def _notify(self, round_: RoundRecord, outcome: str, seconds: float | None) -> None:
+        if self.on_round_end is not None:
+            try:
+                self.on_round_end(round_, outcome, seconds)
+            except Exception:
+                log.exception("round-end callback failed")
+
+
+__all__ = ["Worker", "OPEN", "CLOSING"]

@@ -1,0 +1,197 @@
+"""Crash safety: every accepted update is counted exactly once across kill -9 and restart.
+
+One test kills a real `fedkb serve` process mid-round; the others stop the folder at each crash
+window (blob written but not recorded, folded but not checkpointed, checkpointed but blobs not
+deleted) and check a fresh folder continues with exactly the accepted updates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from aggregator import db
+from aggregator.fedavg import ClippedSum, WeightedSum
+from aggregator.folding import Folder, write_blob
+from aggregator.rounds import OPEN, round_settings
+from aggregator.config import load_config
+from fedkb.wire import UpdateMetadata, WeightSpec, encode_update
+from tests.fixtures_aggregator import (TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
+                                       status, wait_for)
+
+
+def _reference(updates, clip_norm):
+    total = ClippedSum(WeightedSum(TINY_SHAPES), clip_norm)
+    for deltas, n in updates:
+        total.add(deltas, n)
+    return total.mean()
+
+
+def _start_partial_upload(url: str, device: Device, round_id: int, body: bytes) -> socket.socket:
+    """Send the headers and half the body of an upload, then stall (the server must not count it)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (f"POST /v1/rounds/{round_id}/updates HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {device.token}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body[: len(body) // 2])
+    return sock
+
+
+def test_kill9_mid_round_then_restart_counts_each_accepted_update_once(tmp_path):
+    model = make_weights_model(tmp_path / "model", seed=5)
+    state = tmp_path / "state"
+    folding, accept_only = tmp_path / "folding.json", tmp_path / "accept_only.json"
+    # Checkpoint after every fold pass; the second process accepts but never folds, so the kill
+    # surely lands with accepted updates that are not in the checkpoint yet.
+    folding.write_text(json.dumps({"worker_interval": 0.02, "checkpoint_interval": 0.0}))
+    accept_only.write_text(json.dumps({"background_worker": False}))
+    args = ("--goal-clients", "6", "--min-clients", "2", "--round-timeout", "120", "--clip-norm", "1.0")
+    accepted = {}  # device_id -> (deltas, num_examples) the server answered "accepted" for
+
+    # Process 1: two updates accepted, folded and checkpointed; then kill -9.
+    server = ServeProcess(state, model, "--config", str(folding), *args, log=tmp_path / "serve1.log")
+    try:
+        devices = [Device(server.url) for _ in range(7)]
+        for d in devices:
+            assert d.enroll().status_code == 201
+        tasks = {d.device_id: d.task() for d in devices}
+        bodies = {}
+        for i, d in enumerate(devices):
+            deltas, n = random_deltas(TINY_SHAPES, 100 + i, scale=0.4), 5 + 7 * i
+            bodies[d.device_id] = (d.body(tasks[d.device_id], deltas, num_examples=n), deltas, n)
+
+        def upload(d):
+            r = d.upload(1, bodies[d.device_id][0])
+            assert r.status_code == 200 and not r.json()["duplicate"], r.text
+            accepted[d.device_id] = bodies[d.device_id][1:]
+
+        for d in devices[:2]:
+            upload(d)
+        wait_for(lambda: status(server.url)["round"]["folded"] == 2, what="two updates folded and checkpointed")
+        server.kill9()
+    finally:
+        server.stop()
+
+    # Process 2: two more accepted (durable, not folded), one upload cut off halfway; kill -9.
+    server = ServeProcess(state, None, "--config", str(accept_only), *args, log=tmp_path / "serve2.log",
+                          port=server.port)
+    try:
+        for d in devices[2:4]:
+            upload(d)
+        stalled = _start_partial_upload(server.url, devices[4], 1, bodies[devices[4].device_id][0])
+        server.kill9()
+        stalled.close()
+    finally:
+        server.stop()
+    assert len(list((state / "inbox" / "1").glob("*.safetensors"))) == 2
+
+    # Process 3: recovers, takes the rest, closes the round and publishes version 2.
+    server = ServeProcess(state, None, "--config", str(folding), *args, log=tmp_path / "serve3.log", port=server.port)
+    try:
+        s = status(server.url)
+        assert s["round"]["id"] == 1 and s["round"]["accepted"] == 4 and s["model_version"] == 1
+        # A retry of an accepted upload is a duplicate; the half-sent one was never counted.
+        again = devices[2].upload(1, bodies[devices[2].device_id][0])
+        assert again.status_code == 200 and again.json()["duplicate"]
+        for d in devices[4:6]:
+            upload(d)
+        s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and s, what="version 2")
+        assert s["rounds"][1]["accepted"] == 6 and s["versions"][0]["num_clients"] == 6
+        late = devices[6].upload(1, bodies[devices[6].device_id][0])
+        assert late.status_code == 409 and late.json()["error"] == "round_closed"
+    finally:
+        server.stop()
+
+    assert len(accepted) == 6
+    w1 = load_file(model / "weights.safetensors")
+    w2 = load_file(state / "models" / "2" / "weights.safetensors")
+    mean = _reference(list(accepted.values()), 1.0)
+    for k in TINY_SHAPES:
+        np.testing.assert_allclose(w2[k], w1[k] + mean[k], rtol=1e-5, atol=1e-6)
+    assert not any((state / "inbox").rglob("*.safetensors")) and not any((state / "sums").glob("*"))
+
+
+# The crash windows one by one, on the folder itself.
+
+SPECS = [WeightSpec(k, s) for k, s in TINY_SHAPES.items()]
+
+
+@pytest.fixture
+def round_db(tmp_path):
+    state = tmp_path / "state"
+    db.init_db(state)
+    conn = db.connect(state)
+    config = load_config(environ={}, overrides={"testing": True, "state_dir": state, "clip_norm": 0.8})
+    with db.transaction(conn):
+        round_id = db.insert_round(conn, round_settings(config, model_version=1, batch_size=2, now=0.0))
+    yield state, conn, db.get_round(conn, round_id)
+    conn.close()
+
+
+def _accept(state, conn, round_, i):
+    deltas, n = random_deltas(TINY_SHAPES, i, scale=0.5), 3 + i
+    meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id=f"dev{i}", num_examples=n,
+                          clip_norm=0.8, update_norm=0.0)
+    blob = write_blob(state, round_.id, f"dev{i}", encode_update(deltas, meta))
+    with db.transaction(conn):
+        db.add_update(conn, round_id=round_.id, device_id=f"dev{i}", num_examples=n, update_norm=1.0, device_norm=0.0,
+                      body_sha256=str(i), size=1, blob=str(blob.relative_to(state)))
+    return deltas, n
+
+
+def _assert_sum(folder, round_, updates):
+    current = folder.current(round_.id)
+    assert current.total.count == len(updates)
+    for k, v in _reference(updates, 0.8).items():
+        np.testing.assert_allclose(current.total.mean()[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_orphan_blob_without_a_row_is_never_folded(round_db):
+    state, conn, round_ = round_db
+    updates = [_accept(state, conn, round_, i) for i in range(3)]
+    meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id="ghost", num_examples=99, clip_norm=0.8,
+                          update_norm=0.0)
+    write_blob(state, round_.id, "ghost", encode_update(random_deltas(TINY_SHAPES, 50), meta))  # crash before commit
+    folder = Folder(state, checkpoint_interval=0.0)
+    folder.fold_pending(conn, round_, SPECS)
+    _assert_sum(folder, round_, updates)
+    folder.discard(round_.id)
+    assert not (state / "inbox" / str(round_.id)).exists()
+
+
+def test_crash_before_checkpoint_refolds_from_the_last_checkpoint(round_db):
+    state, conn, round_ = round_db
+    updates = [_accept(state, conn, round_, i) for i in range(2)]
+    Folder(state, checkpoint_interval=0.0).fold_pending(conn, round_, SPECS)  # checkpointed
+    updates += [_accept(state, conn, round_, i) for i in range(2, 5)]
+    lost = Folder(state, checkpoint_interval=1e9)  # folds in memory, never checkpoints: then "dies"
+    lost.load(round_, SPECS)
+    lost._last_checkpoint = float("inf")
+    lost.fold_pending(conn, round_, SPECS)
+
+    restarted = Folder(state, checkpoint_interval=0.0)
+    restarted.fold_pending(conn, round_, SPECS)
+    _assert_sum(restarted, round_, updates)
+
+
+def test_crash_after_checkpoint_before_blob_deletion_does_not_double_count(round_db, tmp_path):
+    state, conn, round_ = round_db
+    updates = [_accept(state, conn, round_, i) for i in range(4)]
+    kept = tmp_path / "kept"
+    shutil.copytree(state / "inbox", kept)
+    Folder(state, checkpoint_interval=0.0).fold_pending(conn, round_, SPECS)
+    assert not any((state / "inbox").rglob("*.safetensors"))
+    shutil.rmtree(state / "inbox")
+    shutil.copytree(kept, state / "inbox")  # as if the process died right after the checkpoint
+
+    restarted = Folder(state, checkpoint_interval=0.0)
+    restarted.fold_pending(conn, round_, SPECS)
+    _assert_sum(restarted, round_, updates)
+    assert not any((state / "inbox").rglob("*.safetensors"))  # the leftovers were cleaned, not folded
+    assert round_.state == OPEN
