@@ -1,0 +1,73 @@
+"""`fedkb simulate`: emulate a fleet of devices against a real aggregator and report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fedkb.commands.baseline import add_model_arguments, model_config_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate", help="run federated training on an emulated device fleet and report perplexity",
+        description="Prepare the data (or reuse --data), export the initial model, start a real "
+        "aggregator on loopback and emulate --clients devices (each the LiteRT device stack with one "
+        "client's text) on a simulated daily clock. Writes DIR/report.json and DIR/report.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default="shakespeare", help="shakespeare, jsonl:PATH, csv:PATH or dir:PATH")
+    parser.add_argument("--data", type=Path, default=None, help="reuse a folder from `fedkb data prepare`")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--clients", type=int, default=100, help="emulated devices")
+    parser.add_argument("--clients-per-round", type=int, default=10, help="updates a round aggregates (goal)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device worker processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=("fedkb", "tff"), default="fedkb",
+                        help="fedkb: real server + LiteRT devices; tff: TensorFlow Federated reference")
+    parser.add_argument("--baseline", type=Path, default=None, help="a `fedkb baseline` output, drawn as reference")
+    group = parser.add_argument_group("rounds and devices")
+    group.add_argument("--device-lr", type=float, default=0.5, help="on-device SGD learning rate")
+    group.add_argument("--device-epochs", type=int, default=1)
+    group.add_argument("--max-examples", type=int, default=64, help="windows per device per round")
+    group.add_argument("--clip-norm", type=float, default=1.0)
+    group.add_argument("--server-lr", type=float, default=1.0)
+    group.add_argument("--server-momentum", type=float, default=0.0)
+    group.add_argument("--round-hours", type=float, default=1.0, help="simulated hours between rounds")
+    group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
+    group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
+    group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fedkb.errors import FedkbError
+    from model.evaluation import EvalConfig
+    from simulation.fleet import FleetConfig
+    from simulation.run import simulate
+
+    for name in ("clients", "clients_per_round", "rounds", "workers", "device_epochs", "max_examples"):
+        if getattr(args, name) < 1:
+            raise FedkbError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.clients_per_round > args.clients:
+        raise FedkbError(f"--clients-per-round ({args.clients_per_round}) cannot exceed --clients ({args.clients})")
+    if args.data is None and ":" not in args.dataset and args.dataset != "shakespeare":
+        raise FedkbError(f"unknown dataset {args.dataset!r}; expected shakespeare, jsonl:PATH, csv:PATH or dir:PATH")
+    fleet = FleetConfig(
+        clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
+        seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
+        clip_norm=args.clip_norm, server_lr=args.server_lr, server_momentum=args.server_momentum,
+        round_hours=args.round_hours,
+        eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
+    model = model_config_from_args(args, vocab_size=args.vocab_size)
+    report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
+                      backend=args.backend, baseline=args.baseline, vocab_size=args.vocab_size)
+    s = report["summary"]
+    print(f"{s['rounds']} rounds ({args.backend}) in {s['seconds']:.0f} s, {s['seconds_per_round']:.1f} s per round; "
+          f"model version {s['final_model_version']}")
+    print(f"held-out word perplexity {s['word_perplexity_before']:.1f} -> {s['word_perplexity_after']:.1f}, "
+          f"top-1 {s['top1_before']:.3f} -> {s['top1_after']:.3f}")
+    print(f"report: {args.out / 'report.json'}\nplot:   {args.out / 'report.png'}")
+    return 0

@@ -1,0 +1,96 @@
+"""report.json and its plot: what a simulation measured, round by round.
+
+Keys follow DESIGN.md: a `rounds` list whose entries have `round`, `model_version`, `clients`
+and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation and bytes.
+Round 0 is the initial model, evaluated before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from model.metrics import EvalResult  # noqa: F401  (re-exported: the report's eval entries)
+
+EVAL_KEYS = ("token_perplexity", "word_perplexity", "top1", "top3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+    """Who could, was asked to, and did take part in a round."""
+
+    eligible: int = 0
+    selected: int = 0
+    completed: int = 0
+    dropped: int = 0
+    rejected: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    model_version: int
+    clients: int  # updates aggregated into this round's model
+    eval: EvalResult  # held-out clients
+    eval_participants: EvalResult | None = None  # test splits of clients that trained
+    participation: Participation = dataclasses.field(default_factory=Participation)
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+    sim_time: float = 0.0  # simulated UTC seconds when the round closed
+
+
+def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | None = None,
+                summary: dict | None = None) -> dict:
+    return {
+        "config": config,
+        "rounds": [dataclasses.asdict(r) for r in rounds],
+        "baseline": baseline,
+        "summary": summary or {},
+    }
+
+
+def write_report(out: Path, report: dict) -> Path:
+    """Write report.json atomically."""
+    path = Path(out) / "report.json"
+    tmp = path.with_name("report.json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_report(out_png: Path, series: dict[str, dict], *, baseline: dict | None = None,
+                title: str = "fedkb federated training") -> Path:
+    """Plot the four eval curves for one or more reports (e.g. fedkb and the TFF reference).
+
+    Args:
+        series: label -> report dict (as written by `write_report`).
+        baseline: the centralized baseline's held-out metrics, drawn as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    labels = {"word_perplexity": "word perplexity (held-out)", "token_perplexity": "token perplexity (held-out)",
+              "top1": "top-1 next-word recall", "top3": "top-3 next-word recall"}
+    for ax, key in zip(axes.ravel(), ("word_perplexity", "token_perplexity", "top1", "top3"), strict=True):
+        for name, report in series.items():
+            rounds = [r["round"] for r in report["rounds"]]
+            ax.plot(rounds, [r["eval"][key] for r in report["rounds"]], marker="o", markersize=3, label=name)
+        if baseline and key in baseline:
+            ax.axhline(baseline[key], linestyle="--", color="grey", label="centralized baseline")
+        ax.set_title(labels[key])
+        ax.grid(alpha=0.3)
+        if "perplexity" in key:
+            ax.set_yscale("log")
+    for ax in axes[1]:
+        ax.set_xlabel("round")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
