@@ -16,6 +16,8 @@ from pathlib import Path
 
 from export.convert import convert_module
 from export.inference import InferenceLM
+from export.rewrite import MANIFEST_KEY as REWRITE_KEY
+from export.rewrite import convert_rewritable
 from export.trainable import TrainableLM
 from fedkb import manifest as mf
 from fedkb.errors import FedkbError
@@ -78,12 +80,24 @@ def export_model(*, tokenizer_path: Path, out_dir: Path, config: ModelConfig, we
     if stale.exists():
         stale.unlink()  # the folder is incomplete until the new manifest lands
 
-    trainable = TrainableLM(config, weights)
-    _write_atomic(out_dir / mf.TRAINABLE_FILE,
-                  convert_module(trainable, trainable.signatures(), resource_variables=True))
-    inference = InferenceLM(config, weights)
-    _write_atomic(out_dir / mf.INFERENCE_FILE,
-                  convert_module(inference, {"step": inference.step.get_concrete_function()}, quantize=quantize))
+    # Convert each graph once with sentinel weights and map where every weight landed in the
+    # flatbuffer, so later versions are published by rewriting those bytes (export.rewrite),
+    # in milliseconds and without TensorFlow, instead of converting again.
+    def convert_trainable(w):
+        module = TrainableLM(config, w)
+        return convert_module(module, module.signatures(), resource_variables=True)
+
+    def convert_inference(w):
+        module = InferenceLM(config, w)
+        return convert_module(module, {"step": module.step.get_concrete_function()}, quantize=quantize)
+
+    rewrite_maps = {}
+    for name, convert in ((mf.TRAINABLE_FILE, convert_trainable), (mf.INFERENCE_FILE, convert_inference)):
+        try:
+            data, rewrite_maps[name] = convert_rewritable(convert, weights)
+        except ValueError as err:  # the converter folded or merged a weight beyond recognition
+            raise FedkbError(f"{name}: weights cannot be mapped for rewriting ({err})") from err
+        _write_atomic(out_dir / name, data)
     if Path(tokenizer_path).resolve() != (out_dir / mf.TOKENIZER_FILE).resolve():
         shutil.copyfile(tokenizer_path, out_dir / mf.TOKENIZER_FILE)
     save_weights(out_dir / WEIGHTS_FILE, weights, metadata={"version": str(version)})
@@ -107,7 +121,8 @@ def export_model(*, tokenizer_path: Path, out_dir: Path, config: ModelConfig, we
         model_config=config.to_json(),
         signatures=signature_table(config),
         extra={"inference_quantization": "dynamic_range_int8" if quantize else "none",
-               "num_parameters": config.num_parameters},
+               "num_parameters": config.num_parameters,
+               REWRITE_KEY: rewrite_maps},
     )
     mf.write_manifest(out_dir, manifest)
     log.info("exported version %d to %s", version, out_dir)
