@@ -34,7 +34,7 @@ from safetensors.numpy import load as st_load
 
 from aggregator import db
 from aggregator.fedavg import ClippedSum, WeightedSum
-from aggregator.fsutil import atomic_write, fsync_dir
+from fedkb.fsutil import atomic_write, fsync_dir
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord
 from fedkb.wire import WeightSpec, decode_update

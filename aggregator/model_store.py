@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from aggregator.fsutil import atomic_write, fsync_dir
+from fedkb.fsutil import atomic_write, fsync_dir
 from fedkb.manifest import Manifest, ManifestError, load_manifest, verify_files
 from fedkb.wire import WeightSpec
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.fsutil import fsync_dir, fsync_file
+from fedkb.fsutil import fsync_dir, fsync_file
 from aggregator.model_store import OPTIMIZER_FILE, WEIGHTS_FILE, ModelStore, save_tensors
 from fedkb.manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
 

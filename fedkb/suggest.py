@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.tokenizer import BOS_ID, load_tokenizer, word_start_table
+from fedkb.errors import FedkbError
 from fedkb.manifest import INFERENCE_FILE, TOKENIZER_FILE, load_manifest
 from fedkb.next_words import top_words
 
@@ -22,8 +23,13 @@ class InferenceStepper:
     def __init__(self, model_path: Path, *, num_threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        self._step = self._interpreter.get_signature_runner("step")
+        if not Path(model_path).is_file():
+            raise FedkbError(f"{model_path}: inference model not found")
+        try:  # LiteRT raises ValueError for a corrupt flatbuffer or a missing signature
+            self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+            self._step = self._interpreter.get_signature_runner("step")
+        except ValueError as err:
+            raise FedkbError(f"{model_path}: not an inference model with a `step` signature ({err})") from None
         self._lock = threading.Lock()  # a signature runner is not safe to call concurrently
         self.units = int(self._step.get_input_details()["h"]["shape"][1])
 
@@ -53,6 +59,7 @@ class Suggester:
         """Start a new utterance (a new text field, or after sending a message)."""
         self._fed: list[int] = []
         self._logits, self._state = self.stepper(BOS_ID, self.stepper.zero_state())
+        self._states = [self._state]  # _states[i]: the state after BOS and the first i fed pieces
 
     def feed_text(self, text: str) -> None:
         """Bring the state up to `text`: only pieces not yet fed cost a model step."""
@@ -60,15 +67,29 @@ class Suggester:
         common = 0
         while common < min(len(ids), len(self._fed)) and ids[common] == self._fed[common]:
             common += 1
-        if common < len(self._fed):  # the user edited earlier text: replay from the start
+        if common == 0 and self._fed:  # new text from its first piece on
             self.reset()
-            common = 0
+        elif common < len(self._fed):
+            # An edit, or (far more often) the word being typed re-tokenized as it grew ("▁no" ->
+            # "▁not"): go back to the state before the last common piece and re-feed that piece,
+            # which restores its logits, rather than replaying the whole text.
+            common -= 1
+            del self._fed[common:], self._states[common + 1:]
+            self._state = self._states[-1]
         for token in ids[common:]:
             self._logits, self._state = self.stepper(token, self._state)
             self._fed.append(token)
+            self._states.append(self._state)
 
     def suggest(self, text: str, k: int = 3) -> list[str]:
-        """The k most likely next words after `text` (complete words)."""
+        """The k most likely next words after `text` (complete, non-empty, distinct words)."""
         self.feed_text(text)
-        candidates = top_words(self.stepper, self._state, self._logits, self.word_start, k=k)
-        return [self.tokenizer.decode(list(c.pieces)).strip() for c in candidates]
+        # Rank every finished word (the search costs the same for any k) and keep the first k
+        # distinct non-empty strings: a lone "▁" piece decodes to "", and two segmentations of
+        # one word decode alike.
+        words: list[str] = []
+        for candidate in top_words(self.stepper, self._state, self._logits, self.word_start, k=len(self.word_start)):
+            word = self.tokenizer.decode(list(candidate.pieces)).strip()
+            if word and word not in words:
+                words.append(word)
+        return words[:k]

@@ -53,9 +53,13 @@ class _Reference:
 
             def call(self, y_true, logits):
                 y = tf.cast(y_true, tf.int32)
-                mask = tf.cast((y != PAD_ID) & (y != BOS_ID), tf.float32)
+                # tf.not_equal, not `!=`: TFF traces this in a graph where `Tensor.__ne__` falls
+                # back to Python identity and would make the mask the constant True.
+                mask = tf.cast(tf.logical_and(tf.not_equal(y, PAD_ID), tf.not_equal(y, BOS_ID)), tf.float32)
                 nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-                return tf.reduce_sum(nll * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+                # Per-token terms whose SUM is the masked mean: a scalar returned here gets
+                # broadcast over [B, T] by Keras and summed, scaling the loss by B·T.
+                return nll * mask / tf.maximum(tf.reduce_sum(mask), 1.0)
 
         spec = (tf.TensorSpec([None, model.seq_len], tf.int32), tf.TensorSpec([None, model.seq_len], tf.int32))
 
@@ -114,11 +118,8 @@ def _trainable_order(keras_model) -> list[str]:
 def one_round(*, model: ModelConfig, fleet: FleetConfig, weights: Weights, client_data: list[list[Windows]]) -> Weights:
     """New global weights after one TFF round from `weights` on the given clients' batches."""
     reference = _Reference(model, fleet, weights)
-    try:
-        reference.round(client_data)
-        return reference.weights()
-    finally:
-        tff_cleanup.stop_tff_workers()
+    reference.round(client_data)
+    return reference.weights()
 
 
 def run_tff(*, data: PreparedData, model: ModelConfig, config: FleetConfig, progress: bool | None = None) -> list[RoundRecord]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
+import sys
 
 import psutil
 
@@ -29,7 +31,20 @@ def tff_worker_children() -> list[psutil.Process]:
 
 
 def stop_tff_workers(timeout: float = 5.0) -> int:
-    """Terminate (then kill) every TFF worker child; return how many there were."""
+    """Stop every TFF worker child; return how many there were.
+
+    First the clean way: install a fresh execution context and collect the old one, whose
+    service manager then stops its worker itself (and TFF stays usable: the new context starts a
+    worker when next needed). Killing the worker behind TFF's back instead would leave its
+    service manager holding a dead pid, and the next computation would fail. Whatever remains
+    after that is terminated.
+    """
+    before = len(tff_worker_children())
+    tff = sys.modules.get("tensorflow_federated")
+    if tff is not None and before:
+        with contextlib.suppress(Exception):
+            tff.backends.native.set_sync_local_cpp_execution_context()
+        gc.collect()
     workers = tff_worker_children()
     for proc in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -38,7 +53,7 @@ def stop_tff_workers(timeout: float = 5.0) -> int:
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    return len(workers)
+    return before
 
 
 atexit.register(stop_tff_workers)
