@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from fedkb import __version__
-from fedkb.errors import FedkbError
+# TensorFlow's C++ start-up chatter (CUDA probes, CPU features) is noise on a command line;
+# set before any command imports TensorFlow. An explicit setting in the environment wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from fedkb import __version__  # noqa: E402
+from fedkb.errors import FedkbError  # noqa: E402
 
 # Registered in this order in `fedkb --help`.
 _COMMAND_MODULES = (

@@ -82,7 +82,3 @@ def draw_fleet(num_devices: int, *, seed: int, config: AvailabilityConfig | None
     zones = rng.choice(np.array(config.time_zones, dtype=float), size=num_devices)
     return [DailyPattern(device_index=i, utc_offset_hours=float(z), seed=seed) for i, z in enumerate(zones)]
 
-
-def is_eligible(state: DeviceState, *, min_battery: float = 0.0) -> bool:
-    """The production gate: idle, charging, unmetered (and optionally a battery floor)."""
-    return state.idle and state.charging and state.unmetered and state.battery >= min_battery

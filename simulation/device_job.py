@@ -1,9 +1,18 @@
 """One emulated device's work in one round, run inside an executor worker process.
 
-The device does what a phone does: fetch the task's model version over HTTP and verify every
-file against the manifest, set the global weights, train with the LiteRT `train` signature on
-its own text, compute and clip the update, and upload it as safetensors with its bearer token.
-Nothing here imports TensorFlow.
+Each emulated phone runs the real edge runtime, end to end: `ServerClient` fetches the task's
+model version over HTTP and `ModelStore` verifies every file against the manifest before it is
+used; `TrainingJob` trains with the LiteRT `train` signature and clips Δ; the `Scheduler` runs it
+step by step and reads the device's state before every step, so a phone whose simulated night
+ends mid-job (taken off the charger, picked up, off Wi-Fi) stops there, as a real one would; the
+client uploads the safetensors update with retries and its bearer token. Nothing here imports
+TensorFlow.
+
+What is emulated: the device state (its daily pattern on the simulated clock, one simulated
+job-duration slice per training step) and the example store, whose role the client's prepared
+training stream plays, so that the TFF reference trains on exactly the same windows. Model
+versions are cached once per worker process rather than once per phone, to keep disk use
+O(workers) instead of O(devices).
 """
 
 from __future__ import annotations
@@ -15,11 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.windows import iterate_batches, make_windows
-from fedkb.clipping import clip_by_global_norm
-from fedkb.manifest import MANIFEST_FILE, TRAINABLE_FILE, Manifest, load_manifest, verify_files
-from fedkb.protocol import RoundTask
+from datasets.windows import Windows, make_windows
+from edge_runtime.client import Credentials, RetryPolicy, ServerClient, ServerUnavailable
+from edge_runtime.device_state import ScriptedDeviceState
+from edge_runtime.eligibility import EligibilityPolicy
+from edge_runtime.litert_model import TrainableModel, Weights
+from edge_runtime.model_store import ModelStore
+from edge_runtime.scheduler import COMPLETED, CheckpointStore, Scheduler
+from edge_runtime.trainer import TrainingJob, select_windows
+from fedkb.protocol import DeviceState, RoundTask
 from fedkb.wire import UpdateMetadata, encode_update
+from simulation.availability import AvailabilityConfig, DailyPattern
+
+ALWAYS_ELIGIBLE = DeviceState(idle=True, charging=True, unmetered=True, battery=100.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,130 +51,90 @@ class DeviceJob:
     cache_dir: str  # where this worker keeps downloaded model versions
     seed: int
     num_threads: int = 1
+    pattern: DailyPattern | None = None  # None: the device stays eligible throughout
+    availability: AvailabilityConfig = AvailabilityConfig()
+    sim_start: float = 0.0  # simulated UTC seconds when the job starts
+    job_seconds: float = 600.0  # simulated duration of the whole job
+    policy: EligibilityPolicy = EligibilityPolicy(min_new_examples=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class JobResult:
     device_id: str
-    status: str  # "accepted", "duplicate", "rejected:<code>", "late", "failed:<reason>", "no_data"
+    status: str  # accepted | duplicate | dropped (state changed mid-job) | late | rejected:<code> | failed:<why> | no_data
     num_examples: int = 0
     update_norm: float = 0.0
     upload_bytes: int = 0
     train_seconds: float = 0.0
     mean_loss: float = float("nan")
+    steps: int = 0
 
 
-_interpreters: dict[str, tuple] = {}  # per worker process: model dir -> (runners, global weights)
+_loaded: dict[int, tuple[TrainableModel, Weights]] = {}  # per worker process: the current version's model
 
 
-def _session():
-    import requests
-
-    session = requests.Session()
-    return session
-
-
-def fetch_version(server_url: str, version: int, cache_dir: Path, session) -> Path:
-    """Download and verify one version into the cache (atomically; reused when present)."""
-    final = Path(cache_dir) / f"v{version}"
-    if (final / MANIFEST_FILE).exists():
-        return final
-    tmp = Path(cache_dir) / f".v{version}-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    base = f"{server_url}/v1/models/{version}"
-    response = session.get(f"{base}/{MANIFEST_FILE}", timeout=30)
-    response.raise_for_status()
-    manifest = Manifest.from_json(response.json())
-    for name in manifest.files:
-        data = session.get(f"{base}/{name}", timeout=60)
-        data.raise_for_status()
-        (tmp / name).write_bytes(data.content)
-    (tmp / MANIFEST_FILE).write_bytes(response.content)
-    verify_files(tmp, load_manifest(tmp))
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another worker published the same version first
-        pass
-    return final
-
-
-def _runners(model_dir: Path, num_threads: int):
-    key = str(model_dir)
-    if key not in _interpreters:
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=str(model_dir / TRAINABLE_FILE), num_threads=num_threads)
-        runners = {name: interpreter.get_signature_runner(name) for name in ("train", "get_weights", "set_weights")}
-        global_weights = {k: v.copy() for k, v in runners["get_weights"]().items()}
-        _interpreters.clear()  # one version at a time per worker
-        _interpreters[key] = (interpreter, runners, global_weights)
-    return _interpreters[key]
-
-
-def client_windows(tokens: np.ndarray, *, seq_len: int, max_examples: int, seed: int):
-    """The windows a device trains on in one round: all, or a seeded sample of max_examples."""
+def client_windows(tokens: np.ndarray, *, seq_len: int, max_examples: int, seed: int) -> Windows:
+    """The windows a device trains on in one round (the TFF reference uses the same)."""
     windows = make_windows(tokens, seq_len)
-    if len(windows) > max_examples:
-        rng = np.random.default_rng(seed)
-        windows = windows.take(np.sort(rng.choice(len(windows), max_examples, replace=False)))
-    return windows
+    return select_windows(windows, max_examples, seed=seed) if len(windows) else windows
 
 
-def local_update(runners, global_weights: dict, tokens: np.ndarray, task: RoundTask, manifest: Manifest,
-                 seed: int) -> tuple[dict, int, float]:
-    """Train from the global weights on local windows; return (delta, num_examples, mean loss)."""
-    runners["set_weights"](**global_weights)
-    windows = client_windows(tokens, seq_len=manifest.seq_len, max_examples=task.max_examples, seed=seed)
-    losses = []
-    lr = np.float32(task.learning_rate)
-    for batch in iterate_batches(windows, batch_size=manifest.batch_size, seed=seed, epochs=task.epochs):
-        losses.append(float(runners["train"](x=batch.x, y=batch.y, mask=batch.mask, lr=lr)["loss"]))
-    local = runners["get_weights"]()
-    delta = {name: (local[name] - global_weights[name]).astype(np.float32) for name in global_weights}
-    return delta, len(windows), float(np.mean(losses)) if losses else float("nan")
+def _model(store: ModelStore, client: ServerClient, version: int, num_threads: int) -> tuple[TrainableModel, Weights]:
+    """The version's trainable model and global weights, fetched and verified on first use."""
+    if version not in _loaded:
+        if not store.has_version(version):
+            store.fetch(client, version)
+        model = TrainableModel(store.version_dir(version), num_threads=num_threads)
+        _loaded.clear()  # one version at a time per worker
+        _loaded[version] = (model, model.get_weights())
+    return _loaded[version]
+
+
+def _day_state(job: DeviceJob, total_steps: int) -> ScriptedDeviceState:
+    """The device's state as the job advances: step k is read at sim_start + k · (job / steps)."""
+    if job.pattern is None:
+        return ScriptedDeviceState(ALWAYS_ELIGIBLE)
+    per_step = job.job_seconds / max(total_steps, 1)
+    reads = iter(range(1 << 62))  # the scheduler reads the state once before each step
+    return ScriptedDeviceState(lambda _t: job.pattern.state_at(job.sim_start + next(reads) * per_step,
+                                                               job.availability))
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
-    """Fetch, train, clip, upload. Errors become a result, never an exception across processes."""
+    """Fetch, train under the scheduler, clip, upload. Errors become a result, never an exception
+    across processes (a device failing is data for the report, not a crash of the fleet)."""
     task = RoundTask.from_json(job.task)
-    if len(job.tokens) < 2:
-        return JobResult(job.device_id, "no_data")
-    session = _session()
+    cache = Path(job.cache_dir)
+    client = ServerClient(job.server_url, credentials=Credentials(job.device_id, job.token), seed=job.seed,
+                          retry=RetryPolicy(max_attempts=5, base_delay=0.2, max_delay=5.0), timeout=60.0)
     try:
-        model_dir = fetch_version(job.server_url, task.model_version, Path(job.cache_dir), session)
-        manifest = load_manifest(model_dir)
-        _, runners, global_weights = _runners(model_dir, job.num_threads)
+        store = ModelStore(cache / f"worker-{os.getpid()}")
+        model, global_weights = _model(store, client, task.model_version, job.num_threads)
+        windows = client_windows(job.tokens, seq_len=model.seq_len, max_examples=task.max_examples, seed=job.seed)
+        if len(windows) == 0:
+            return JobResult(job.device_id, "no_data")
+        training = TrainingJob(model, global_weights, windows, task, seed=job.seed)
+        checkpoints = CheckpointStore(cache / "jobs" / f"{job.device_id}.safetensors")
+        scheduler = Scheduler(state=_day_state(job, training.total_steps), policy=job.policy, checkpoints=checkpoints)
         started = time.monotonic()
-        delta, num_examples, mean_loss = local_update(runners, global_weights, job.tokens, task, manifest, job.seed)
+        outcome = scheduler.run(training)
         seconds = time.monotonic() - started
-        clipped, norm = clip_by_global_norm(delta, task.clip_norm)
-        body = encode_update(clipped, UpdateMetadata(
+        if outcome.status != COMPLETED:
+            checkpoints.clear()  # the round will be over before this phone's next window
+            return JobResult(job.device_id, "dropped", steps=outcome.steps_run, train_seconds=seconds)
+        update = training.result(outcome.losses)
+        body = encode_update(update.deltas, UpdateMetadata(
             round_id=task.round_id, model_version=task.model_version, device_id=job.device_id,
-            num_examples=num_examples, clip_norm=task.clip_norm, update_norm=norm, encoding=task.encoding))
-        status = _upload(session, job, task, body)
-        return JobResult(job.device_id, status, num_examples, norm, len(body), seconds, mean_loss)
-    except Exception as err:  # a device failing is data for the report, not a crash of the fleet
+            num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
+            encoding=task.encoding))
+        result = client.upload(task.round_id, body)
+        status = {"accepted": "accepted", "duplicate": "duplicate", "dropped": "late"}.get(
+            result.status, f"rejected:{result.code}")
+        return JobResult(job.device_id, status, update.num_examples, update.update_norm, len(body), seconds,
+                         update.mean_loss, update.steps)
+    except ServerUnavailable as err:
+        return JobResult(job.device_id, f"failed:server unavailable: {err}")
+    except Exception as err:  # noqa: BLE001 (see docstring)
         return JobResult(job.device_id, f"failed:{type(err).__name__}: {err}")
     finally:
-        session.close()
-
-
-def _upload(session, job: DeviceJob, task: RoundTask, body: bytes, attempts: int = 5) -> str:
-    import requests
-
-    url = f"{job.server_url}/v1/rounds/{task.round_id}/updates"
-    headers = {"Authorization": f"Bearer {job.token}", "Content-Type": "application/octet-stream"}
-    delay = 0.2
-    for attempt in range(attempts):
-        try:
-            response = session.post(url, data=body, headers=headers, timeout=60)
-        except requests.ConnectionError:
-            response = None
-        if response is not None and response.status_code < 500:
-            if response.ok:
-                return "duplicate" if response.json().get("duplicate") else "accepted"
-            code = response.json().get("error", str(response.status_code))
-            return "late" if code in ("round_closed", "stale_model_version") else f"rejected:{code}"
-        time.sleep(delay * (1 + np.random.default_rng(job.seed + attempt).random()))
-        delay *= 2
-    return "failed:upload retries exhausted"
+        client.close()

@@ -25,16 +25,21 @@ from tqdm import tqdm
 
 from datasets.prepared import PreparedData
 from datasets.tokenizer import load_tokenizer, word_start_table
+from edge_runtime.eligibility import EligibilityPolicy, can_continue
 from fedkb.errors import FedkbError
 from fedkb.protocol import CheckinResponse
 from model.evaluation import EvalConfig, evaluate_weights
 from model.weights import load_weights
-from simulation.availability import HOUR, AvailabilityConfig, draw_fleet, is_eligible
+from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
 from simulation.device_job import DeviceJob, JobResult, run_device_job
 from simulation.executor import InlineExecutor, ProcessExecutor
 from simulation.report import Participation, RoundRecord
 
 log = logging.getLogger(__name__)
+
+# The edge runtime's production conditions (idle, charging, unmetered, battery >= 20 %); the
+# new-examples rule does not apply, as an emulated device's text is all there from the start.
+POLICY = EligibilityPolicy(min_new_examples=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +203,7 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
             states = {d.device_id: patterns[d.index].state_at(sim_time, config.availability) for d in devices}
-            eligible = [d for d in devices if is_eligible(states[d.device_id])]
+            eligible = [d for d in devices if can_continue(states[d.device_id], POLICY)]
             order = rng.permutation(len(eligible))
             selected = []
             for i in order:
@@ -207,14 +212,13 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
                     selected.append((eligible[i], response.task))
                 elif response.reason == "round_full":
                     break
-            # Dropout: a device that stops being idle/charging/unmetered before its job ends
-            # abandons it, as the edge runtime's scheduler does.
-            finish_time = sim_time + config.job_minutes * 60
-            finishing = [(d, t) for d, t in selected
-                         if is_eligible(patterns[d.index].state_at(finish_time, config.availability))]
+            # Each selected phone runs its job under the edge runtime's scheduler on the simulated
+            # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out.
             jobs = [DeviceJob(server.url, d.device_id, d.token, dataclasses.asdict(t), data.train[d.client_id],
-                              str(out / "device_cache"), seed=config.seed * 100_003 + round_number * 1009 + d.index)
-                    for d, t in finishing]
+                              str(out / "device_cache"), seed=config.seed * 100_003 + round_number * 1009 + d.index,
+                              pattern=patterns[d.index], availability=config.availability, sim_start=sim_time,
+                              job_seconds=config.job_minutes * 60, policy=POLICY)
+                    for d, t in selected]
             results: list[JobResult] = [result for _, result in executor.run(run_device_job, jobs)]
             accepted = sum(r.status in ("accepted", "duplicate") for r in results)
             failed = [r.status for r in results if r.status.startswith("failed")]
@@ -238,9 +242,9 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
             else:
                 weights = None
             participation = Participation(eligible=len(eligible), selected=len(selected), completed=accepted,
-                                          dropped=len(selected) - len(finishing) + len(failed),
-                                          rejected=sum(r.status.startswith("rejected") or r.status == "late"
-                                                       for r in results))
+                                          dropped=sum(r.status == "dropped" for r in results) + len(failed),
+                                          late=sum(r.status == "late" for r in results),
+                                          rejected=sum(r.status.startswith("rejected") for r in results))
             uploaded = sum(r.upload_bytes for r in results)
             if weights is not None:
                 record = evaluate(weights, version, accepted, participation, sim_time,

@@ -24,8 +24,9 @@ class Participation:
     eligible: int = 0
     selected: int = 0
     completed: int = 0
-    dropped: int = 0
-    rejected: int = 0
+    dropped: int = 0  # stopped mid-job because a condition stopped holding, or failed
+    late: int = 0  # over-selected: finished after the round had reached its goal
+    rejected: int = 0  # refused by the server's validation
 
 
 @dataclasses.dataclass(frozen=True)

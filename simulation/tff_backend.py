@@ -19,9 +19,10 @@ from model.config import ModelConfig
 from model.evaluation import evaluate_weights
 from model.weights import WEIGHT_NAMES, Weights, initial_weights
 from simulation import tff_cleanup
-from simulation.availability import HOUR, draw_fleet, is_eligible
+from edge_runtime.eligibility import can_continue
+from simulation.availability import HOUR, draw_fleet
 from simulation.device_job import client_windows
-from simulation.fleet import FleetConfig
+from simulation.fleet import POLICY, FleetConfig
 from simulation.report import Participation, RoundRecord
 
 
@@ -146,7 +147,7 @@ def run_tff(*, data: PreparedData, model: ModelConfig, config: FleetConfig, prog
         for round_number in tqdm(range(1, config.rounds + 1), desc="rounds (tff)", unit="round",
                                  disable=None if progress is None else not progress):
             started = time.monotonic()
-            eligible = [i for i in range(config.clients) if is_eligible(patterns[i].state_at(sim_time, config.availability))]
+            eligible = [i for i in range(config.clients) if can_continue(patterns[i].state_at(sim_time, config.availability), POLICY)]
             chosen = [eligible[i] for i in rng.permutation(len(eligible))][:goal]
             client_data = []
             for i in chosen:

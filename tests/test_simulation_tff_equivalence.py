@@ -5,8 +5,6 @@ enough that clipping changes some updates: if the new global weights agree, our 
 and clipping are right. Also checks TFF leaves no worker_binary child behind.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 import requests
@@ -14,7 +12,7 @@ import requests
 from datasets.prepared import load_prepared
 from fedkb.clipping import global_norm
 from model.weights import load_weights
-from simulation.device_job import DeviceJob, client_windows, local_update, run_device_job
+from simulation.device_job import DeviceJob, client_windows, run_device_job
 from simulation.fleet import FleetConfig, ServerProcess
 from simulation.tff_backend import client_batches, one_round
 from simulation.tff_cleanup import stop_tff_workers, tff_worker_children
@@ -63,6 +61,12 @@ def test_one_round_matches_tff(tiny_model, tiny_data, tiny_config, tmp_path):
             assert __import__("time").monotonic() < deadline, "no version 2"
             __import__("time").sleep(0.05)
         ours = load_weights(tmp_path / "server" / "models" / "2" / "weights.safetensors", tiny_config)
+        # What devices download computes with those weights (the server rewrote the flatbuffer).
+        from edge_runtime.litert_model import TrainableModel
+
+        served = TrainableModel(tmp_path / "server" / "models" / "2").get_weights()
+        for name in ours:
+            np.testing.assert_array_equal(served[name], ours[name], err_msg=name)
     finally:
         server.stop()
 
@@ -87,23 +91,3 @@ def test_one_round_matches_tff(tiny_model, tiny_data, tiny_config, tmp_path):
     stop_tff_workers()
     assert tff_worker_children() == []
 
-
-def test_device_update_is_deterministic(tiny_model, tiny_data, tiny_config):
-    from ai_edge_litert.interpreter import Interpreter
-    from fedkb.manifest import load_manifest
-    from fedkb.protocol import RoundTask
-
-    interpreter = Interpreter(model_path=str(tiny_model / "trainable.tflite"), num_threads=1)
-    runners = {n: interpreter.get_signature_runner(n) for n in ("train", "get_weights", "set_weights")}
-    global_weights = runners["get_weights"]()
-    task = RoundTask(round_id=1, model_version=1, learning_rate=0.5, epochs=2, batch_size=tiny_config.batch_size,
-                     max_examples=10, clip_norm=1.0, deadline=0.0)
-    tokens = load_prepared(tiny_data).train[sorted(load_prepared(tiny_data).train)[0]]
-    manifest = load_manifest(tiny_model)
-    a = local_update(runners, global_weights, tokens, task, manifest, seed=3)
-    b = local_update(runners, global_weights, tokens, task, manifest, seed=3)
-    c = local_update(runners, global_weights, tokens, dataclasses.replace(task, learning_rate=0.1), manifest, seed=3)
-    assert a[1] == b[1] > 0
-    for name in a[0]:
-        np.testing.assert_array_equal(a[0][name], b[0][name])
-    assert global_norm(c[0]) < global_norm(a[0])

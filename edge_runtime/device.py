@@ -1,0 +1,325 @@
+"""The device loop: one phone's federated learning client, end to end.
+
+Each cycle follows the client protocol of production FL (Bonawitz et al., 2019,
+https://arxiv.org/abs/1902.01046, §2–3):
+
+1. apply the example store's retention policy;
+2. check eligibility locally (idle, charging, unmetered, battery, enough new text). An ineligible
+   device stops here and sends nothing at all;
+3. retry any update still waiting in the outbox (an earlier upload the network swallowed); a
+   cycle that sends one does nothing else;
+4. check in with the server, which answers with a task or a retry-after (pace steering);
+   at check-in, fetch and verify a newer model version if there is one;
+5. run the task's job under the scheduler (interruptible, checkpointed, resumable);
+6. clip Δ, encode it (safetensors), keep it in the outbox, upload it, and clear the outbox once
+   the server has it (or says it is too late).
+
+Files under `home`: `credentials.json` (0600), `examples.sqlite` (the typed text; never sent),
+`models/` (verified versions), `job.safetensors` (an interrupted job), `outbox/` (an update
+waiting to be uploaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from datasets.tokenizer import load_tokenizer
+from edge_runtime.client import Credentials, ServerClient, ServerError, ServerUnavailable, UploadResult
+from edge_runtime.device_state import DeviceStateProvider
+from edge_runtime.eligibility import EligibilityPolicy
+from edge_runtime.litert_model import TrainableModel
+from edge_runtime.model_store import ModelRejected, ModelStore
+from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
+from edge_runtime.store import ExampleStore, RetentionPolicy
+from edge_runtime.trainer import TrainingJob
+from fedkb.errors import FedkbError
+from fedkb.manifest import TOKENIZER_FILE
+from fedkb.protocol import RoundTask
+from fedkb.wire import UpdateMetadata, encode_update
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS_FILE = "credentials.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """One device's settings (`fedkb device` flags)."""
+
+    server_url: str
+    home: Path
+    policy: EligibilityPolicy = EligibilityPolicy()
+    retention: RetentionPolicy = RetentionPolicy()
+    num_threads: int = 1  # a phone trains on one or two little cores
+    seed: int | None = None  # None: derived from the device id and the round
+    poll_seconds: float = 60.0  # how often an ineligible device looks again
+    platform: str = "linux"
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleReport:
+    """What one cycle did (logged, printed by `fedkb device --format json`)."""
+
+    action: str  # ineligible | wait | no_data | model_rejected | interrupted | abandoned | accepted |
+    #              duplicate | dropped | rejected | upload_failed
+    reasons: tuple[str, ...] = ()
+    round_id: int | None = None
+    model_version: int | None = None
+    retry_after: float | None = None
+    num_examples: int = 0
+    update_norm: float | None = None
+    upload_bytes: int = 0
+    upload_attempts: int = 0
+    steps: int = 0
+    mean_loss: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, (), 0) or k == "action"}
+
+
+class Device:
+    """A federated learning client with its own home folder.
+
+    Args:
+        config: the device's settings.
+        state: where idle / charging / unmetered / battery come from.
+        client: the server client (default: one for `config.server_url`).
+        clock: unix seconds (round deadlines).
+    """
+
+    def __init__(self, config: DeviceConfig, *, state: DeviceStateProvider, client: ServerClient | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.config, self.state, self._clock = config, state, clock
+        self.home = Path(config.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.client = client or ServerClient(config.server_url)
+        self.client.credentials = self.client.credentials or load_credentials(self.home)
+        self.examples = ExampleStore(self.home / "examples.sqlite", retention=config.retention, clock=clock)
+        self.models = ModelStore(self.home / "models")
+        self.scheduler = Scheduler(state=state, policy=config.policy,
+                                   checkpoints=CheckpointStore(self.home / "job.safetensors"), clock=clock)
+        self.outbox = self.home / "outbox"
+
+    def close(self) -> None:
+        self.examples.close()
+        self.client.close()
+
+    # Setup -----------------------------------------------------------------------------------
+    @property
+    def device_id(self) -> str | None:
+        return self.client.credentials.device_id if self.client.credentials else None
+
+    def ensure_enrolled(self, enrollment_secret: str | None) -> Credentials:
+        """Enroll on first run and keep the credentials in the home folder.
+
+        Raises:
+            FedkbError: not enrolled yet and no secret given.
+            ServerError: the server refused the secret.
+        """
+        if self.client.credentials is not None:
+            return self.client.credentials
+        if not enrollment_secret:
+            raise FedkbError("this device is not enrolled: pass --enrollment-secret or set FEDKB_ENROLLMENT_SECRET")
+        credentials = self.client.enroll(enrollment_secret, platform=self.config.platform)
+        save_credentials(self.home, credentials)
+        log.info("enrolled as device %s", credentials.device_id)
+        return credentials
+
+    def import_text(self, path: Path) -> int:
+        """Add a text file's lines (one message per line) to the example store."""
+        path = Path(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                added = self.examples.import_lines(f, source=str(path.resolve()))
+        except (OSError, UnicodeDecodeError) as err:
+            raise FedkbError(f"{path}: cannot read the text file ({err})") from None
+        log.info("imported %d new messages from %s (%d stored)", added, path, self.examples.count())
+        return added
+
+    def forget_user_data(self) -> None:
+        """Delete the typed text and everything derived from it (job checkpoint, pending update)."""
+        self.examples.delete_all()
+        self.scheduler.checkpoints.clear()
+        for f in self.outbox.glob("*") if self.outbox.is_dir() else []:
+            f.unlink(missing_ok=True)
+
+    # One cycle -------------------------------------------------------------------------------
+    def run_once(self) -> CycleReport:
+        """One pass of the client protocol (see the module docstring)."""
+        self.examples.enforce_retention()
+        verdict = self.scheduler.may_start(new_examples=self.examples.new_examples())
+        if not self.scheduler.can_run():
+            return CycleReport("ineligible", verdict.reasons)  # not a byte goes out
+
+        flushed = self._flush_outbox()
+        if flushed is not None:
+            # A kept update went out (or failed again): that is this cycle's work. Going on would
+            # report a check-in instead and judge "new examples" by a count the upload just reset.
+            return flushed
+        if not verdict:  # too few new examples
+            return CycleReport("ineligible", verdict.reasons)
+
+        try:
+            self.models.update_if_newer(self.client)
+        except ModelRejected as err:
+            log.warning("%s", err)
+        answer = self.client.checkin(self.state.current(), self.models.current_version)
+        if answer.action != "train":
+            self.scheduler.abandon_unless(None)
+            return CycleReport("wait", (answer.reason,) if answer.reason else (), retry_after=answer.retry_after)
+        task = answer.task
+        self.scheduler.abandon_unless(task.round_id)
+        try:
+            model_dir = self._model_for(task.model_version)
+        except ModelRejected as err:
+            log.warning("%s", err)
+            return CycleReport("model_rejected", (str(err),), round_id=task.round_id,
+                               model_version=task.model_version)
+        return self._train_and_upload(task, model_dir)
+
+    def _model_for(self, version: int) -> Path:
+        if not self.models.has_version(version):
+            current = self.models.current_version
+            self.models.fetch(self.client, version, activate=current is None or version > current)
+        return self.models.version_dir(version)
+
+    def _train_and_upload(self, task: RoundTask, model_dir: Path) -> CycleReport:
+        model = TrainableModel(model_dir, num_threads=self.config.num_threads)
+        up_to = self.examples.last_id()
+        windows = self.examples.token_windows(load_tokenizer(model_dir / TOKENIZER_FILE), model.seq_len,
+                                              up_to_id=up_to)
+        where = dict(round_id=task.round_id, model_version=task.model_version)
+        pending = self.scheduler.pending()
+        if pending is not None and pending.key.round_id == task.round_id:
+            windows = None  # resuming: the checkpoint carries the job's windows
+        elif len(windows) == 0:
+            return CycleReport("no_data", **where)
+        job = TrainingJob(model, model.get_weights(), windows, task, seed=self._seed(task.round_id))
+        outcome: JobOutcome = self.scheduler.run(job)
+        if outcome.status != COMPLETED:
+            action = "abandoned" if outcome.status == ABANDONED else "interrupted"
+            return CycleReport(action, outcome.reasons, steps=outcome.steps_run, **where)
+
+        update = job.result(outcome.losses)
+        body = encode_update(update.deltas, UpdateMetadata(
+            round_id=task.round_id, model_version=task.model_version, device_id=self.device_id,
+            num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
+            encoding=task.encoding))
+        self._keep_in_outbox(task, body, up_to)
+        report = dict(num_examples=update.num_examples, update_norm=update.update_norm, upload_bytes=len(body),
+                      steps=outcome.steps_run, mean_loss=update.mean_loss, **where)
+        result = self._upload(task.round_id, body, up_to)
+        if result is None:
+            return CycleReport("upload_failed", ("server_unavailable",), **report)
+        return CycleReport(result.status, (result.code,) if result.code else (), upload_attempts=result.attempts,
+                           **report)
+
+    # Uploads and the outbox ------------------------------------------------------------------
+    def _upload(self, round_id: int, body: bytes, up_to: int) -> UploadResult | None:
+        """Upload; on a final answer clear the outbox (and, if counted, the new-example count)."""
+        try:
+            result = self.client.upload(round_id, body)
+        except ServerUnavailable as err:
+            log.warning("round %d: upload failed, kept in the outbox for the next cycle (%s)", round_id, err)
+            return None
+        except ServerError as err:  # 401: a token the server no longer knows
+            log.warning("round %d: upload refused (%s); dropping it", round_id, err)
+            result = UploadResult("rejected", 1, code=err.code, message=err.message)
+        if result.counted:
+            self.examples.mark_trained(up_to)
+        for suffix in (".safetensors", ".json"):
+            (self.outbox / f"{round_id}{suffix}").unlink(missing_ok=True)
+        log.info("round %d: update %s after %d attempt(s)", round_id, result.status, result.attempts)
+        return result
+
+    def _keep_in_outbox(self, task: RoundTask, body: bytes, up_to: int) -> None:
+        self.outbox.mkdir(exist_ok=True)
+        (self.outbox / f"{task.round_id}.json").write_text(json.dumps({"deadline": task.deadline, "up_to_id": up_to}))
+        tmp = self.outbox / f"{task.round_id}.safetensors.tmp"
+        tmp.write_bytes(body)
+        os.replace(tmp, self.outbox / f"{task.round_id}.safetensors")
+
+    def _pending_uploads(self) -> list[Path]:
+        return sorted(self.outbox.glob("*.safetensors")) if self.outbox.is_dir() else []
+
+    def _flush_outbox(self) -> CycleReport | None:
+        """Re-send updates that an outage kept here; drop those past their round's deadline."""
+        report = None
+        for body_path in self._pending_uploads():
+            round_id = int(body_path.stem)
+            try:
+                info = json.loads((self.outbox / f"{round_id}.json").read_text())
+            except (OSError, ValueError):
+                info = {"deadline": 0.0, "up_to_id": 0}
+            if self._clock() >= float(info["deadline"]):
+                log.info("round %d: pending update expired; dropping it", round_id)
+                body_path.unlink(missing_ok=True)
+                (self.outbox / f"{round_id}.json").unlink(missing_ok=True)
+                continue
+            body = body_path.read_bytes()
+            result = self._upload(round_id, body, int(info["up_to_id"]))
+            if result is None:
+                return CycleReport("upload_failed", ("server_unavailable",), round_id=round_id,
+                                   upload_bytes=len(body))
+            report = CycleReport(result.status, (result.code,) if result.code else (), round_id=round_id,
+                                 upload_bytes=len(body), upload_attempts=result.attempts)
+        return report
+
+    def _seed(self, round_id: int) -> int:
+        if self.config.seed is not None:
+            return self.config.seed + round_id
+        digest = hashlib.sha256(f"{self.device_id}:{round_id}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    # The loop --------------------------------------------------------------------------------
+    def run(self, *, stop: threading.Event | None = None, max_cycles: int | None = None) -> list[CycleReport]:
+        """Cycle until `stop` is set (or `max_cycles` ran), sleeping as the server and state say."""
+        stop = stop or threading.Event()
+        reports: list[CycleReport] = []
+        while not stop.is_set() and (max_cycles is None or len(reports) < max_cycles):
+            try:
+                report = self.run_once()
+            except ServerUnavailable as err:
+                log.warning("server unreachable: %s", err)
+                report = CycleReport("wait", ("server_unavailable",), retry_after=self.config.poll_seconds)
+            reports.append(report)
+            log.info("cycle: %s", json.dumps(report.to_json()))
+            if max_cycles is not None and len(reports) >= max_cycles:
+                break
+            if report.action == "wait":
+                delay = report.retry_after or self.config.poll_seconds
+            elif report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected"):
+                delay = self.config.poll_seconds
+            else:
+                delay = 1.0  # something happened: look again soon (the next round may be open)
+            stop.wait(delay)
+        return reports
+
+
+def load_credentials(home: Path) -> Credentials | None:
+    path = Path(home) / CREDENTIALS_FILE
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+        return Credentials(device_id=str(body["device_id"]), token=str(body["token"]))
+    except (ValueError, KeyError, TypeError):
+        raise FedkbError(f"{path}: unreadable credentials; delete it to enroll again") from None
+
+
+def save_credentials(home: Path, credentials: Credentials) -> None:
+    """Write the token readable by this user only, atomically."""
+    path = Path(home) / CREDENTIALS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dataclasses.asdict(credentials), f)
+    os.replace(tmp, path)

@@ -1,0 +1,217 @@
+"""Model versions on the device: download, verify, swap atomically, keep one for rollback.
+
+Layout under `root`:
+    v<N>/              complete, verified versions (at most the current and the previous one)
+    .incoming-<N>-*/   a download in progress (removed at start-up: a crash leaves only this)
+    state.json         {"current": N, "previous": M}, replaced atomically
+
+A new version is staged in `.incoming-*`, every file is checked against the manifest's size
+and sha256 (`fedkb.manifest.verify_files`), the folder is renamed to `v<N>` and only then does
+`state.json` switch to it, with one `os.replace`. A crash at any point leaves the old version
+serving; a file that fails its checksum is deleted with its staging folder and the old version
+stays current. Listeners (the suggester) are told after a swap, so the trainable and the
+inference model of one version always change together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from fedkb.errors import FedkbError
+from fedkb.fsutil import fsync_dir
+from fedkb.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, verify_files
+
+log = logging.getLogger(__name__)
+
+_STATE = "state.json"
+_INCOMING = ".incoming-"
+
+
+class ModelRejected(FedkbError):
+    """A downloaded version that failed verification; the previous version stays current."""
+
+
+class ModelStore:
+    """The device's model versions.
+
+    Args:
+        root: the folder that holds them (created if missing).
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[Path, Manifest], None]] = []
+        for stale in self.root.glob(_INCOMING + "*"):  # a download a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # State ----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        try:
+            state = json.loads((self.root / _STATE).read_text())
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, current: int | None, previous: int | None) -> None:
+        tmp = self.root / f"{_STATE}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"current": current, "previous": previous}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / _STATE)
+
+    @property
+    def current_version(self) -> int | None:
+        return self._state().get("current")
+
+    @property
+    def previous_version(self) -> int | None:
+        return self._state().get("previous")
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def has_version(self, version: int) -> bool:
+        return (self.version_dir(version) / MANIFEST_FILE).is_file()
+
+    def current_dir(self) -> Path | None:
+        version = self.current_version
+        return self.version_dir(version) if version is not None else None
+
+    def add_listener(self, listener: Callable[[Path, Manifest], None]) -> None:
+        """Call `listener(version_dir, manifest)` after every swap."""
+        self._listeners.append(listener)
+
+    # Installing ------------------------------------------------------------------------------
+    def install_local(self, source: Path | str, *, activate: bool = True) -> Manifest:
+        """Copy a verified local version folder in (first install, tests).
+
+        Raises:
+            ModelRejected: the folder's files do not match its manifest.
+        """
+        manifest = _verified_manifest(Path(source))
+
+        def fill(staging: Path) -> None:
+            for name in manifest.files:
+                shutil.copyfile(Path(source) / name, staging / name)
+
+        return self._install(manifest, json.dumps(manifest.to_json()).encode(), fill, activate=activate)
+
+    def fetch(self, client, version: int | None = None, *, activate: bool = True) -> Manifest:
+        """Download `version` (default: the latest) from the server, verify it, and swap to it.
+
+        Raises:
+            ModelRejected: a file's size or sha256 differs from the manifest, or the manifest is garbled.
+            ServerError / ServerUnavailable: from the client.
+        """
+        manifest, raw = _remote_manifest(client, version)
+        if version is not None and manifest.version != version:
+            raise ModelRejected(f"asked for version {version}, the server sent version {manifest.version}")
+        if self.has_version(manifest.version):
+            if activate and manifest.version != self.current_version:
+                self.activate(manifest.version)
+            return load_manifest(self.version_dir(manifest.version))
+
+        def fill(staging: Path) -> None:
+            for name in manifest.files:
+                client.download(manifest.version, name, staging / name)
+
+        return self._install(manifest, raw, fill, activate=activate)
+
+    def update_if_newer(self, client) -> Manifest | None:
+        """Check-in time: fetch and swap to the server's latest version if it is newer."""
+        latest, _ = _remote_manifest(client)
+        current = self.current_version
+        if current is not None and latest.version <= current:
+            return None
+        return self.fetch(client, latest.version)
+
+    def _install(self, manifest: Manifest, manifest_bytes: bytes, fill: Callable[[Path], None], *,
+                 activate: bool) -> Manifest:
+        staging = self.root / f"{_INCOMING}{manifest.version}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            fill(staging)
+            (staging / MANIFEST_FILE).write_bytes(manifest_bytes)  # last: a folder with a manifest is complete
+            try:
+                verify_files(staging, load_manifest(staging))
+            except ManifestError as err:
+                raise ModelRejected(f"version {manifest.version} rejected, keeping version "
+                                    f"{self.current_version}: {err}") from None
+            fsync_dir(staging)
+            with self._lock:
+                final = self.version_dir(manifest.version)
+                if final.exists():
+                    shutil.rmtree(final)  # a leftover not listed in state.json
+                os.rename(staging, final)
+                fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("model version %d downloaded and verified", manifest.version)
+        if activate:
+            self.activate(manifest.version)
+        return manifest
+
+    # Swapping --------------------------------------------------------------------------------
+    def activate(self, version: int) -> None:
+        """Make `version` current (the old current becomes the rollback version)."""
+        with self._lock:
+            if not self.has_version(version):
+                raise FedkbError(f"model version {version} is not on this device")
+            current = self.current_version
+            if current == version:
+                return
+            self._write_state(version, current)
+            self._prune()
+            manifest = load_manifest(self.version_dir(version))
+        log.info("model version %d is now current (rollback: %s)", version, current)
+        for listener in self._listeners:
+            listener(self.version_dir(version), manifest)
+
+    def rollback(self) -> int:
+        """Go back to the previous version; returns it.
+
+        Raises:
+            FedkbError: there is no previous version.
+        """
+        with self._lock:
+            previous = self.previous_version
+            if previous is None or not self.has_version(previous):
+                raise FedkbError("no previous model version to roll back to")
+            self.activate(previous)
+            return previous
+
+    def _prune(self) -> None:
+        keep = {f"v{v}" for v in (self.current_version, self.previous_version) if v is not None}
+        for folder in self.root.glob("v*"):
+            if folder.is_dir() and folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remote_manifest(client, version: int | None = None) -> tuple[Manifest, bytes]:
+    """The server's manifest. One garbled in transit is a rejected download like a bad file
+    (the device keeps its version and tries again later), not an error that stops the device."""
+    try:
+        return client.manifest(version)
+    except ManifestError as err:
+        raise ModelRejected(f"manifest rejected: {err}") from None
+
+
+def _verified_manifest(folder: Path) -> Manifest:
+    try:
+        manifest = load_manifest(folder)
+        verify_files(folder, manifest)
+    except ManifestError as err:
+        raise ModelRejected(str(err)) from None
+    return manifest
+

@@ -1,0 +1,185 @@
+"""Fixtures for the edge runtime tests: one tiny real model, device states, a faulty network.
+
+Import into a test module with `from tests.fixtures_edge import *`. The model is converted once
+per test session even when several modules import the fixture (a module-level cache), because a
+conversion costs ~12 s on two cores. `FaultProxy` is a real HTTP proxy on loopback between a
+device and a real server that can answer 503, drop a connection after the server has the
+request, or corrupt a file in transit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import SAMPLE_LINES, write_jsonl
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EDGE_TINY = dict(embed_dim=8, lstm_units=16, batch_size=4, seq_len=6)
+_BUILT: dict[str, Path] = {}
+
+__all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultProxy", "state", "ALL_MET",
+           "SAMPLE_LINES", "bump_version", "proxy"]
+
+
+def state(**changes):
+    """A DeviceState meeting every condition, with some changed."""
+    from fedkb.protocol import DeviceState
+
+    return dataclasses.replace(DeviceState(idle=True, charging=True, unmetered=True, battery=90.0), **changes)
+
+
+ALL_MET = dict(idle=True, charging=True, unmetered=True, battery=90.0)
+
+
+@pytest.fixture(scope="session")
+def edge_model(tmp_path_factory) -> Path:
+    """A real exported version-1 folder (trainable + inference TFLite, tokenizer, manifest)."""
+    if "v1" not in _BUILT:
+        from datasets.prepare import PrepareConfig, prepare_dataset
+        from datasets.prepared import load_prepared
+        from datasets.splits import SplitConfig
+        from export.pipeline import export_model
+        from model.config import ModelConfig
+
+        root = tmp_path_factory.mktemp("edge_model")
+        src = write_jsonl(root / "users.jsonl", clients=12, lines_per_client=10)
+        prepare_dataset(PrepareConfig(dataset=f"jsonl:{src}", vocab_size=60, split=SplitConfig(min_words=10)),
+                        root / "data", progress=False)
+        config = ModelConfig(vocab_size=load_prepared(root / "data").vocab_size, **EDGE_TINY)
+        export_model(tokenizer_path=root / "data" / "tokenizer.model", out_dir=root / "v1", config=config)
+        _BUILT["v1"] = root / "v1"
+    return _BUILT["v1"]
+
+
+def bump_version(source: Path, dest: Path, version: int) -> Path:
+    """The same files relabelled as another version (only manifest.json changes)."""
+    from fedkb.manifest import load_manifest, write_manifest
+
+    shutil.copytree(source, dest)
+    manifest = load_manifest(source)
+    write_manifest(dest, dataclasses.replace(manifest, version=version, parent_version=manifest.version))
+    return dest
+
+
+@pytest.fixture
+def edge_model_copy(edge_model, tmp_path) -> Path:
+    """A private copy of the model folder that a test may damage."""
+    return Path(shutil.copytree(edge_model, tmp_path / "model_copy"))
+
+
+@pytest.fixture
+def user_lines() -> list[str]:
+    return [f"{line} again {i}" for i in range(3) for line in SAMPLE_LINES]
+
+
+@pytest.fixture
+def text_file(tmp_path, user_lines) -> Path:
+    path = tmp_path / "typed.txt"
+    path.write_text("\n".join(user_lines) + "\n")
+    return path
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of `upstream` that injects faults on request.
+
+    Attributes (set them from the test):
+        fail_uploads: answer 503 to this many upload POSTs without forwarding them.
+        drop_after_forward: forward this many upload POSTs, then close the connection without
+            an answer (the server has the update; the device never hears back).
+        corrupt: path suffixes whose response body gets one byte flipped.
+    Counters: `requests` (every path seen, in order), `uploads_forwarded`.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.fail_uploads = 0
+        self.drop_after_forward = 0
+        self.corrupt: set[str] = set()
+        self.requests: list[str] = []
+        self.uploads_forwarded = 0
+        self._lock = threading.Lock()
+        self._http = requests.Session()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy._handle(self, "GET")
+
+            def do_POST(self):
+                proxy._handle(self, "POST")
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def _handle(self, handler, method: str) -> None:
+        path = handler.path
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0)) if method == "POST" else None
+        is_upload = method == "POST" and path.endswith("/updates")
+        with self._lock:
+            self.requests.append(f"{method} {path}")
+            inject_503 = is_upload and self.fail_uploads > 0
+            if inject_503:
+                self.fail_uploads -= 1
+            drop = is_upload and not inject_503 and self.drop_after_forward > 0
+            if drop:
+                self.drop_after_forward -= 1
+        if inject_503:
+            return self._reply(handler, 503, b'{"error": "unavailable", "message": "injected"}',
+                               {"Content-Type": "application/json"})
+        headers = {k: v for k, v in handler.headers.items() if k.lower() in ("authorization", "content-type")}
+        upstream = self._http.request(method, self.upstream + path, data=body, headers=headers, timeout=30)
+        if is_upload:
+            with self._lock:
+                self.uploads_forwarded += 1
+        if drop:
+            handler.close_connection = True
+            handler.connection.shutdown(2)  # the answer is lost on the way back
+            return None
+        content = upstream.content
+        if any(path.endswith(suffix) for suffix in self.corrupt) and content:
+            content = bytes([content[0] ^ 0xFF]) + content[1:]
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "etag", "retry-after")}
+        return self._reply(handler, upstream.status_code, content, keep)
+
+    @staticmethod
+    def _reply(handler, status: int, body: bytes, headers: dict) -> None:
+        handler.send_response(status)
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def uploads_seen(self) -> int:
+        return sum(1 for r in self.requests if r.startswith("POST") and r.endswith("/updates"))
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._http.close()
+
+
+@pytest.fixture
+def proxy(server):
+    """A FaultProxy in front of the test module's `server` fixture."""
+    p = FaultProxy(server.url)
+    yield p
+    p.stop()

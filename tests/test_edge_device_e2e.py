@@ -1,0 +1,273 @@
+"""End to end: the real `fedkb device` CLI against a real `fedkb serve`, both as subprocesses.
+
+Every server is a fresh `fedkb serve` on its own state directory (it starts in well under a
+second), with the tiny exported model and min-clients 1, so each test reads exact counts from
+GET /v1/status. `FaultProxy` sits between device and server when a test needs a fault on the
+wire. The last tests drive the `Device` class in-process, where the retry policy and the device
+state script can be set (the CLI reads the host or a fixed `--state`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.client import RetryPolicy, ServerClient
+from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.device_state import ScriptedDeviceState
+from fedkb.manifest import load_manifest, verify_files
+from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
+from tests.fixtures_edge import FaultProxy, edge_model, state, text_file, user_lines  # noqa: F401
+
+ALL_MET = "charging=1,idle=1,unmetered=1,battery=90"
+
+
+@pytest.fixture
+def serve(edge_model, tmp_path):
+    """Factory: `serve(goal_clients)` → a running `fedkb serve` subprocess (stopped after the test)."""
+    servers = []
+
+    def _start(goal_clients: int = 5) -> ServeProcess:
+        n = len(servers)
+        server = ServeProcess(tmp_path / f"state{n}", edge_model, "--min-clients", "1", "--goal-clients",
+                              str(goal_clients), "--round-timeout", "600", "--retry-after", "1",
+                              log=tmp_path / f"serve{n}.log")
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def proxies():
+    started = []
+
+    def _start(upstream: str) -> FaultProxy:
+        started.append(FaultProxy(upstream))
+        return started[-1]
+
+    yield _start
+    for p in started:
+        p.stop()
+
+
+def fedkb_device(url: str, home: Path, *args: str, text: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `fedkb device` as a user would (enrollment secret from the environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDKB_")}
+    env["FEDKB_ENROLLMENT_SECRET"] = SECRET
+    cmd = [sys.executable, "-m", "fedkb", "device", "--server", url, "--home", str(home), *args]
+    if text is not None:
+        cmd += ["--text", str(text)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def reports(out: subprocess.CompletedProcess) -> list[dict]:
+    """The cycle reports a `--format json` run printed (one JSON object per line)."""
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def models_state(home: Path) -> dict:
+    path = home / "models" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def no_leftovers(home: Path) -> bool:
+    models = home / "models"
+    return not models.exists() or not any(p.name.startswith(".incoming-") for p in models.iterdir())
+
+
+# The CLI ----------------------------------------------------------------------------------
+
+def test_ineligible_device_sends_nothing(serve, proxies, text_file, tmp_path):
+    server = serve()
+    proxy = proxies(server.url)
+    home = tmp_path / "phone"
+    (report,) = reports(fedkb_device(proxy.url, home, "--state", "charging=0", "--once", "--format", "json",
+                                     text=text_file))
+    assert report == {"action": "ineligible", "reasons": ["not_charging"]}
+    assert proxy.requests == ["POST /v1/devices"]  # enrolling, then not a byte: no check-in, no download
+    out = fedkb_device(proxy.url, home, "--state", "charging=1,idle=0,battery=5", "--once", text=text_file)
+    assert out.returncode == 0 and out.stdout.startswith("ineligible")
+    for reason in ("not_idle", "low_battery"):
+        assert reason in out.stdout
+    assert proxy.requests == ["POST /v1/devices"]  # enrolled once; the second run sent nothing at all
+    s = status(server.url)
+    assert s["totals"]["accepted"] == 0 and s["round"]["assigned"] == 0
+    assert models_state(home) == {} and not (home / "outbox").exists()
+
+
+def test_eligible_device_gets_its_clipped_update_accepted(serve, text_file, user_lines, tmp_path):
+    server = serve()
+    home = tmp_path / "phone"
+    (report,) = reports(fedkb_device(server.url, home, "--state", ALL_MET, "--once", "--format", "json",
+                                     text=text_file))
+    assert report["action"] == "accepted", report
+    assert report["round_id"] == 1 and report["model_version"] == 1 and report["num_examples"] > 0
+    s = status(server.url)
+    assert s["round"]["accepted_updates"] == 1 and s["totals"]["accepted"] == 1
+    (norm,) = s["update_norms"]["norms"]
+    assert norm <= s["update_norms"]["clip_norm"] * (1 + 1e-5)  # clipped on the device
+    assert report["update_norm"] >= norm * (1 - 1e-5)  # the device reports the norm before clipping
+    assert models_state(home) == {"current": 1, "previous": None}
+    assert not any((home / "outbox").glob("*")), "the outbox is cleared once the server has the update"
+
+    # The typed text never left the device: no file of the server's state holds a typed line.
+    state_files = [p for p in (tmp_path / "state0").rglob("*") if p.is_file()]
+    assert state_files and not any(user_lines[0].encode() in p.read_bytes() for p in state_files)
+
+    # Nothing new typed since: the next cycle stays quiet, and the count stays 1.
+    (again,) = reports(fedkb_device(server.url, home, "--state", ALL_MET, "--once", "--format", "json"))
+    assert again == {"action": "ineligible", "reasons": ["too_few_new_examples"]}
+    assert status(server.url)["totals"]["accepted"] == 1
+
+
+def test_corrupted_model_download_is_rejected_and_the_old_model_kept(serve, proxies, text_file, tmp_path):
+    server = serve(goal_clients=1)  # one update closes a round and publishes the next version
+    proxy = proxies(server.url)
+    home = tmp_path / "phone"
+    (first,) = reports(fedkb_device(server.url, home, "--state", ALL_MET, "--once", "--format", "json",
+                                    text=text_file))
+    assert first["action"] == "accepted" and first["model_version"] == 1
+    wait_for(lambda: (s := status(server.url))["model_version"] == 2 and (s["round"] or {}).get("id") == 2,
+             what="version 2 published and round 2 open")
+    v1 = home / "models" / "v1"
+
+    proxy.corrupt = {"trainable.tflite"}
+    flags = ("--state", ALL_MET, "--min-new-examples", "0", "--once", "--format", "json")
+    (rejected,) = reports(fedkb_device(proxy.url, home, *flags))
+    assert rejected["action"] == "model_rejected" and rejected["model_version"] == 2, rejected
+    assert "trainable.tflite" in rejected["reasons"][0]
+    assert models_state(home) == {"current": 1, "previous": None}
+    verify_files(v1, load_manifest(v1))  # the old version is whole
+    assert not (home / "models" / "v2").exists() and no_leftovers(home)
+    assert status(server.url)["totals"]["accepted"] == 1  # nothing trained on a model that failed its check
+
+    (fixed,) = reports(fedkb_device(server.url, home, *flags))  # a clean network: the same task now works
+    assert fixed["action"] == "accepted" and fixed["model_version"] == 2, fixed
+    assert models_state(home) == {"current": 2, "previous": 1}
+    assert status(server.url)["totals"]["accepted"] == 2
+
+
+def test_outage_during_upload_is_retried_and_counted_once(serve, proxies, text_file, tmp_path):
+    server = serve()
+    proxy = proxies(server.url)
+    proxy.fail_uploads = 1  # the first attempt meets a 503
+    proxy.drop_after_forward = 1  # the second reaches the server, but its answer is lost
+    (report,) = reports(fedkb_device(proxy.url, tmp_path / "phone", "--state", ALL_MET, "--once", "--format", "json",
+                                     text=text_file))
+    # The third attempt is recognized as a repeat of the second.
+    assert (report["action"], report["upload_attempts"]) == ("duplicate", 3), report
+    assert (proxy.uploads_seen(), proxy.uploads_forwarded) == (3, 2)
+    s = status(server.url)
+    assert s["round"]["accepted_updates"] == 1 and s["totals"]["accepted"] == 1
+    assert not any((tmp_path / "phone" / "outbox").glob("*"))
+
+
+def test_forget_deletes_the_typed_text(serve, text_file, tmp_path):
+    from edge_runtime.store import ExampleStore
+
+    server = serve()
+    home = tmp_path / "phone"
+    reports(fedkb_device(server.url, home, "--state", "charging=0", "--once", "--format", "json", text=text_file))
+    with ExampleStore(home / "examples.sqlite") as store:
+        assert store.count() > 0
+    out = fedkb_device(server.url, home, "--forget")
+    assert out.returncode == 0 and "deleted" in out.stdout
+    with ExampleStore(home / "examples.sqlite") as store:
+        assert store.count() == 0
+    assert text_file.read_text().splitlines()[0].encode() not in (home / "examples.sqlite").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--server", "ftp://x"), "must be an http:// or https:// URL"),
+    (("--threads", "0"), "--threads"),
+    (("--cycles", "0"), "--cycles"),
+    (("--state", "charging=maybe"), "--state"),
+    (("--min-battery", "150"), "min_battery"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path, flags, message):
+    args = ["--server", "http://127.0.0.1:9", "--home", str(tmp_path / "phone"), *flags]
+    out = subprocess.run([sys.executable, "-m", "fedkb", "device", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("FEDKB_")})
+    assert out.returncode == 2
+    assert out.stderr.startswith("fedkb device: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "phone").exists()  # refused before anything was written
+
+
+def test_help_names_every_flag():
+    out = subprocess.run([sys.executable, "-m", "fedkb", "device", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for flag in ("--server", "--home", "--text", "--state", "--once", "--enrollment-secret", "--min-battery",
+                 "--min-new-examples", "--threads", "--forget"):
+        assert flag in out.stdout
+
+
+# The Device in-process (scripted state, fast retries) -------------------------------------
+
+def _device(url: str, home: Path, provider, **config) -> Device:
+    client = ServerClient(url, retry=RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0), sleep=lambda s: None)
+    device = Device(DeviceConfig(server_url=url, home=home, seed=5, **config), state=provider, client=client)
+    device.ensure_enrolled(SECRET)
+    return device
+
+
+def test_an_update_survives_a_long_outage_in_the_outbox(serve, proxies, text_file, tmp_path):
+    server = serve()
+    proxy = proxies(server.url)
+    device = _device(proxy.url, tmp_path / "phone", ScriptedDeviceState(state()))
+    try:
+        device.import_text(text_file)
+        proxy.fail_uploads = 2  # every attempt of this cycle fails
+        report = device.run_once()
+        assert report.action == "upload_failed" and report.round_id == 1
+        assert [p.name for p in (tmp_path / "phone" / "outbox").glob("*.safetensors")] == ["1.safetensors"]
+        assert status(server.url)["totals"]["accepted"] == 0
+
+        before = len(proxy.requests)
+        report = device.run_once()  # the network is back: the kept bytes go out, nothing is retrained
+        assert (report.action, report.round_id) == ("accepted", 1), report
+        assert [r for r in proxy.requests[before:] if "checkin" in r] == []  # this cycle's work was the upload
+        assert not any((tmp_path / "phone" / "outbox").glob("*"))
+        assert status(server.url)["totals"]["accepted"] == 1
+        assert device.run_once().action == "ineligible"  # its examples count as trained now
+    finally:
+        device.close()
+
+
+def test_interrupted_device_resumes_to_the_same_update(serve, text_file, tmp_path):
+    server = serve()
+    # Reads per cycle before training: may_start, can_run, check-in; then one per training step.
+    interrupted = ScriptedDeviceState.sequence([state()] * (3 + 4) + [state(charging=False)])
+    device = _device(server.url, tmp_path / "interrupted", interrupted)
+    straight = _device(server.url, tmp_path / "straight", ScriptedDeviceState(state()))
+    try:
+        for d in (device, straight):
+            d.import_text(text_file)
+        report = device.run_once()
+        assert (report.action, report.steps, report.reasons) == ("interrupted", 4, ("not_charging",))
+        assert (tmp_path / "interrupted" / "job.safetensors").exists()
+        assert status(server.url)["totals"]["accepted"] == 0
+
+        device.state = device.scheduler.state = ScriptedDeviceState(state())  # plugged in again
+        resumed = device.run_once()
+        assert resumed.action == "accepted" and not (tmp_path / "interrupted" / "job.safetensors").exists()
+        whole = straight.run_once()
+        assert whole.action == "accepted"
+        # Same seed, same text, same round: the resumed job's update is the uninterrupted one's.
+        assert resumed.steps + 4 == whole.steps
+        assert (resumed.update_norm, resumed.num_examples, resumed.mean_loss) == (
+            whole.update_norm, whole.num_examples, whole.mean_loss)
+        assert status(server.url)["totals"]["accepted"] == 2
+    finally:
+        device.close()
+        straight.close()

@@ -1,0 +1,157 @@
+"""Fleet emulation: devices that are the real edge runtime, and `fedkb simulate` end to end.
+
+A real `fedkb serve` process, LiteRT on the devices, the scheduler reading each device's
+simulated daily state before every step. The CLI tests run the installed entry point on a
+tiny model so a whole simulation takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from datasets.prepared import load_prepared
+from edge_runtime.eligibility import can_continue
+from simulation.availability import HOUR, AvailabilityConfig, DailyPattern
+from simulation.device_job import DeviceJob, run_device_job
+from simulation.fleet import POLICY, FleetConfig, ServerProcess
+from tests.conftest import write_jsonl
+from tests.fixtures_model import *  # noqa: F401,F403
+
+JOB_SECONDS = 2 * HOUR
+AVAILABILITY = AvailabilityConfig()
+
+
+def _find_time(pattern: DailyPattern, *, stays: bool) -> float:
+    """A simulated time when the device is eligible and, `stays` or not, still is after the job."""
+    for t in np.arange(0, 10 * 24 * HOUR, 600.0):
+        ok = [can_continue(pattern.state_at(t + f * JOB_SECONDS, AVAILABILITY), POLICY).eligible
+              for f in np.linspace(0, 1, 9)]
+        if ok[0] and (all(ok) if stays else not ok[4]):  # not stays: gone by mid-job
+            return float(t)
+    raise AssertionError("no such time in ten simulated days")
+
+
+@pytest.fixture
+def server(tiny_model, tmp_path):
+    fleet = FleetConfig(clients=2, clients_per_round=2, min_clients=2, max_examples=40, workers=1)
+    server = ServerProcess(state=tmp_path / "server", init_model=tiny_model, log_path=tmp_path / "server.log",
+                           config=fleet)
+    yield server
+    server.stop()
+
+
+def _device_with_task(server):
+    enrolled = requests.post(f"{server.url}/v1/devices", json={"enrollment_secret": server.secret}, timeout=10).json()
+    answer = requests.post(f"{server.url}/v1/checkin", headers={"Authorization": f"Bearer {enrolled['token']}"},
+                           json={"state": {"idle": True, "charging": True, "unmetered": True, "battery": 90.0}},
+                           timeout=10).json()
+    assert answer["action"] == "train", answer
+    return enrolled, answer["task"]
+
+
+def test_device_whose_night_ends_mid_job_drops_out_and_one_that_stays_uploads(server, tiny_data, tmp_path):
+    tokens = next(iter(load_prepared(tiny_data).train.values()))
+    pattern = DailyPattern(device_index=3, utc_offset_hours=1.0, seed=7)
+    results = {}
+    for stays in (False, True):
+        device, task = _device_with_task(server)
+        results[stays] = run_device_job(DeviceJob(
+            server.url, device["device_id"], device["token"], task, tokens, str(tmp_path / "cache"), seed=1,
+            pattern=pattern, availability=AVAILABILITY, sim_start=_find_time(pattern, stays=stays),
+            job_seconds=JOB_SECONDS, policy=POLICY))
+    dropped, finished = results[False], results[True]
+    assert dropped.status == "dropped" and 0 < dropped.steps < finished.steps, (dropped, finished)
+    assert dropped.upload_bytes == 0
+    assert finished.status == "accepted" and finished.upload_bytes > 0
+    assert server.status()["round"]["accepted_updates"] == 1  # only the phone that stayed on its charger
+
+
+def _simulate(args, cwd, timeout=600):
+    fedkb = Path(sys.executable).with_name("fedkb")
+    return subprocess.run([str(fedkb), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clients", "5", "--clients-per-round", "6"], "--clients-per-round (6) cannot exceed --clients (5)"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+    (["--dataset", "jsonl:/nonexistent/users.jsonl"], "/nonexistent/users.jsonl"),
+])
+def test_bad_settings_fail_at_once_with_one_line(args, message, tmp_path):
+    result = _simulate(["simulate", "--out", str(tmp_path / "out"), *args], tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # progress logs may precede the error line
+    assert last.startswith("fedkb simulate: error:") and message in last and "Traceback" not in result.stderr, \
+        result.stderr
+
+
+def test_unwritable_out_fails_at_once(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = _simulate(["simulate", "--out", str(blocker / "out")], tmp_path, timeout=120)
+    assert result.returncode == 2 and "cannot create the output folder" in result.stderr, result.stderr
+
+
+TINY_FLAGS = ["--embed-dim", "8", "--lstm-units", "16", "--batch-size", "4", "--seq-len", "6", "--vocab-size", "60",
+              "--max-examples", "16", "--eval-windows", "32", "--eval-words", "20"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "users.jsonl", clients=12, lines_per_client=10)
+
+
+@pytest.fixture(scope="module")
+def simulated(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    result = _simulate(["simulate", "--dataset", f"jsonl:{corpus}", "--out", str(out), "--clients", "8",
+                        "--clients-per-round", "3", "--rounds", "3", "--workers", "2", "--round-hours", "0.5",
+                        "--device-lr", "1.0", *TINY_FLAGS], out.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_simulate_writes_report_plot_and_summary(simulated):
+    out, result = simulated
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for r in rounds:
+        assert {"round", "model_version", "clients", "eval", "participation"} <= set(r)
+        assert {"token_perplexity", "word_perplexity", "top1", "top3"} <= set(r["eval"])
+    completed = [r for r in rounds[1:] if r["clients"] > 0]
+    assert completed, rounds
+    # Every completed round publishes the next version; participation adds up.
+    versions = [r["model_version"] for r in rounds]
+    assert versions == sorted(versions) and versions[-1] == 1 + len(completed)
+    for r in rounds[1:]:
+        p = r["participation"]
+        assert p["selected"] <= p["eligible"] and r["clients"] == p["completed"] <= p["selected"]
+        assert p["completed"] + p["dropped"] + p["late"] + p["rejected"] <= p["selected"]
+    assert rounds[-1]["eval"]["word_perplexity"] < rounds[0]["eval"]["word_perplexity"]
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert f"report: {out / 'report.json'}" in result.stdout and "word perplexity" in result.stdout
+
+
+def test_tff_backend_writes_the_same_report_shape_and_leaves_no_worker(simulated, corpus, tmp_path):
+    import psutil
+
+    before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "worker_binary"}
+    out, _ = simulated
+    tff_out = tmp_path / "tff"
+    result = _simulate(["simulate", "--data", str(out / "data"), "--backend", "tff", "--out", str(tff_out),
+                        "--clients", "8", "--clients-per-round", "3", "--rounds", "2", *TINY_FLAGS], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tff_out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert set(report["rounds"][1]["eval"]) == set(json.loads((out / "report.json").read_text())["rounds"][1]["eval"])
+    after = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "worker_binary"}
+    assert after <= before, "a TFF worker_binary outlived `fedkb simulate --backend tff`"
