@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 .PHONY: venv demo test bench clean help
 
@@ -31,11 +31,12 @@ $(STAMP): requirements/tff-deps.txt requirements/tff.txt requirements/constraint
 	$(PIP) install -q -c $(VENV)/stage1-constraints.txt -c requirements/constraints.txt -e '.[train,server,data,dev]'
 	touch $(STAMP)
 
-# Until `fedkb simulate` lands, the main job is: prepare Shakespeare-by-role, then a short
-# centralized baseline on it.
+# The main job: prepare Shakespeare-by-role, a short centralized baseline (the reference line),
+# then federated training on an emulated fleet against a real aggregator. About 5 minutes on 2 cores.
 demo: $(STAMP)
 	$(VENV)/bin/fedkb data prepare --dataset shakespeare --out $(DEMO_OUT)/data
 	$(VENV)/bin/fedkb baseline --data $(DEMO_OUT)/data --out $(DEMO_OUT)/baseline
+	$(VENV)/bin/fedkb simulate --data $(DEMO_OUT)/data --baseline $(DEMO_OUT)/baseline --out $(DEMO_OUT)/simulation
 
 test: $(STAMP)
 	$(PY) -m pytest -q

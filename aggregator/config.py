@@ -74,9 +74,11 @@ class AggregatorConfig:
     def __post_init__(self):
         from fedkb.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
 
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        # Absolute: Flask's send_file resolves a relative path against the app's package folder,
+        # not the working directory, so `--state runs/server` would serve nothing.
+        object.__setattr__(self, "state_dir", Path(self.state_dir).absolute())
         if self.init_model is not None:
-            object.__setattr__(self, "init_model", Path(self.init_model))
+            object.__setattr__(self, "init_model", Path(self.init_model).absolute())
         problems = []
         if self.min_clients < 1:
             problems.append(f"min_clients must be >= 1, got {self.min_clients}")

@@ -15,9 +15,10 @@ import logging
 import os
 import sys
 
-# TensorFlow's C++ start-up chatter (CUDA probes, CPU features) is noise on a command line;
-# set before any command imports TensorFlow. An explicit setting in the environment wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (CUDA probes, cuDNN/cuFFT "factory" errors on a CPU-only
+# machine) is noise on a command line; Python errors still surface as exceptions. Set before any
+# command imports TensorFlow; an explicit setting in the environment wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from fedkb import __version__  # noqa: E402
 from fedkb.errors import FedkbError  # noqa: E402

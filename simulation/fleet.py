@@ -46,17 +46,17 @@ POLICY = EligibilityPolicy(min_new_examples=0)
 class FleetConfig:
     """Round and device settings of a simulation."""
 
-    clients: int = 100
-    clients_per_round: int = 10
-    rounds: int = 6
+    clients: int = 300
+    clients_per_round: int = 20
+    rounds: int = 30
     min_clients: int | None = None  # default: half the goal
     over_selection: float = 1.3
-    device_lr: float = 0.5
+    device_lr: float = 1.0
     device_epochs: int = 1
     max_examples: int = 64  # windows per device per round
     clip_norm: float = 1.0
     server_lr: float = 1.0
-    server_momentum: float = 0.0
+    server_momentum: float = 0.7  # FedAvgM (Hsu et al., 2019): measured faster and steadier here than 0 or 0.9
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)

@@ -160,12 +160,13 @@ def run_tff(*, data: PreparedData, model: ModelConfig, config: FleetConfig, prog
             if client_data:
                 reference.round(client_data)
             weights = reference.weights()
+            seconds = time.monotonic() - started  # training only, as the fleet measures it
             held, part = evaluate(weights)
             records.append(RoundRecord(
                 round=round_number, model_version=records[-1].model_version + (1 if client_data else 0),
                 clients=len(client_data), eval=held, eval_participants=part,
                 participation=Participation(eligible=len(eligible), selected=len(chosen), completed=len(client_data)),
-                seconds=round(time.monotonic() - started, 2), sim_time=sim_time))
+                seconds=round(seconds, 2), sim_time=sim_time))
             sim_time += config.round_hours * HOUR
     finally:
         tff_cleanup.stop_tff_workers()

@@ -165,7 +165,8 @@ def make_server(tmp_path):
 class ServeProcess:
     """A real `fedkb serve` subprocess (so it can be killed with SIGKILL)."""
 
-    def __init__(self, state_dir: Path, init_model: Path | None, *args: str, log: Path, port: int | None = None):
+    def __init__(self, state_dir: Path, init_model: Path | None, *args: str, log: Path, port: int | None = None,
+                 cwd: Path = REPO):
         import socket
 
         if port is None:
@@ -179,7 +180,7 @@ class ServeProcess:
             cmd += ["--init-model", str(init_model)]
         env = {**os.environ, "FEDKB_ENROLLMENT_SECRET": SECRET, "FEDKB_ADMIN_TOKEN": ADMIN}
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self._up, timeout=60, what=f"fedkb serve on port {self.port} (log {log})")
 
     def _up(self) -> bool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import requests
 
 from tests.fixtures_aggregator import (REPO, TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
                                        status, wait_for)
@@ -45,5 +49,19 @@ def test_two_gunicorn_workers_share_one_state(tmp_path):
             assert d.upload(t.round_id, d.body(t, random_deltas(TINY_SHAPES, i))).status_code == 200
         s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and s, what="version 2")
         assert s["versions"][0]["num_clients"] == 5
+    finally:
+        server.stop()
+
+
+def test_relative_state_and_model_paths_serve_files(tmp_path):
+    # Flask resolves relative send_file paths against the app package, not the working folder.
+    make_weights_model(tmp_path / "model")
+    server = ServeProcess(Path("state"), Path("model"), log=tmp_path / "serve.log", cwd=tmp_path)
+    try:
+        manifest = requests.get(f"{server.url}/v1/models/latest", timeout=10).json()
+        for name, entry in manifest["files"].items():
+            r = requests.get(f"{server.url}/v1/models/{manifest['version']}/{name}", timeout=10)
+            assert r.status_code == 200, r.text
+            assert hashlib.sha256(r.content).hexdigest() == entry["sha256"]
     finally:
         server.stop()
