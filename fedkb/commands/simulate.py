@@ -67,9 +67,11 @@ def run(args) -> int:
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
                       backend=args.backend, baseline=args.baseline, vocab_size=args.vocab_size)
     s = report["summary"]
-    print(f"{s['rounds']} rounds ({args.backend}) in {s['seconds']:.0f} s, {s['seconds_per_round']:.1f} s per round; "
-          f"model version {s['final_model_version']}")
+    print(f"{s['rounds']} rounds ({args.backend}) in {s['seconds']:.0f} s ({s['seconds_per_round']:.1f} s per round "
+          f"before evaluation); model version {s['final_model_version']}")
     print(f"held-out word perplexity {s['word_perplexity_before']:.1f} -> {s['word_perplexity_after']:.1f}, "
           f"top-1 {s['top1_before']:.3f} -> {s['top1_after']:.3f}")
+    if s.get("top1_fraction_of_baseline") is not None:
+        print(f"top-1 recall is {100 * s['top1_fraction_of_baseline']:.0f}% of the centralized baseline's")
     print(f"report: {args.out / 'report.json'}\nplot:   {args.out / 'report.png'}")
     return 0

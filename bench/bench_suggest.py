@@ -1,0 +1,223 @@
+"""Suggestion benchmark: per-keystroke latency, model file sizes, and what quantization costs.
+
+At the default size (V=8000, E=96, H=256), with a briefly trained model (random weights would make
+the accuracy figures meaningless): Shakespeare is prepared with an 8k SentencePiece vocabulary
+(or --data), the Keras model is trained centrally with Adam for --train-steps steps (the
+`fedkb baseline` code), and that version is exported (trainable + dynamic-range quantized inference
+model) plus a float inference model of the same weights. Then, in LiteRT, prints:
+    - per-keystroke latency p50/p99 of one stateful `step` (quantized and float), against
+      re-running a 20-token prefix from zero state, and against the trainable model's `infer`;
+      plus a whole `Suggester.suggest` per keystroke (tokenize, feed, beam search to words);
+    - file sizes: trainable, inference float, inference quantized;
+    - on the same held-out test windows: top-1 next-token agreement of float vs quantized, each
+      one's top-1 accuracy and token perplexity.
+Targets (issue 5): step p50 < 1 ms and p99 < 5 ms on this machine.
+
+Usage:
+    python bench/bench_suggest.py
+    python bench/bench_suggest.py --data runs/data --train-steps 500
+    python bench/bench_suggest.py --weights runs/baseline/weights.safetensors --data runs/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+TYPED = "what is the matter with you my good lord i pray you tell me"
+
+
+def _parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a prepared folder (default: prepare Shakespeare with --vocab-size in a temp folder)")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--weights", type=Path, default=None, help="use these weights instead of training")
+    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps of the brief central training")
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="LiteRT num_threads (the Suggester's default is 1)")
+    parser.add_argument("--keystrokes", type=int, default=2000, help="timed single steps")
+    parser.add_argument("--prefixes", type=int, default=200, help="timed 20-token prefix replays")
+    parser.add_argument("--windows", type=int, default=300, help="test windows for the accuracy comparison")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def _percentiles(ms: list[float]) -> str:
+    return f"p50 {np.percentile(ms, 50):7.3f} ms   p99 {np.percentile(ms, 99):7.3f} ms   (n={len(ms)})"
+
+
+def _log_softmax(logits):
+    peak = logits.max(axis=-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+
+
+def main() -> int:
+    args = _parse_args()
+    from ai_edge_litert.interpreter import Interpreter
+
+    from datasets.prepare import PrepareConfig, prepare_dataset
+    from datasets.prepared import load_prepared
+    from datasets.tokenizer import load_tokenizer
+    from datasets.windows import concat_windows, make_windows
+    from export.convert import convert_module
+    from export.inference import InferenceLM
+    from export.pipeline import export_model
+    from fedkb.suggest import Suggester
+    from model.baseline import BaselineConfig, train_baseline
+    from model.config import ModelConfig
+    from model.evaluation import EvalConfig
+    from model.weights import load_weights
+
+    work = Path(tempfile.mkdtemp(prefix="fedkb-bench-suggest-"))
+    rng = np.random.default_rng(args.seed)
+
+    # Data and a briefly trained model.
+    data_dir = args.data
+    if data_dir is None:
+        data_dir = work / "data"
+        started = time.monotonic()
+        prepare_dataset(PrepareConfig(dataset="shakespeare", vocab_size=args.vocab_size), data_dir, progress=False)
+        print(f"prepared Shakespeare (vocabulary {args.vocab_size}) in {time.monotonic() - started:.0f} s")
+    data = load_prepared(data_dir)
+    config = ModelConfig(vocab_size=data.vocab_size)
+    if args.weights:
+        weights = load_weights(args.weights, config)
+        print(f"weights: {args.weights}")
+    else:
+        metrics = train_baseline(data_dir, work / "baseline", model_config=config, progress=False,
+                                 config=BaselineConfig(max_steps=args.train_steps, batch_size=args.train_batch),
+                                 eval_config=EvalConfig(seq_len=config.seq_len, max_windows=256, recall_samples=100))
+        weights = load_weights(work / "baseline" / "weights.safetensors", config)
+        h = metrics["heldout"]
+        print(f"trained {metrics['train']['steps']} Adam steps (batch {args.train_batch}) in "
+              f"{metrics['train']['seconds']} s: loss {metrics['train']['loss_first']:.2f} -> "
+              f"{metrics['train']['loss_last_50']:.2f}; held-out token perplexity {h['token_perplexity']:.1f}, "
+              f"top-1/top-3 next word {h['top1']:.3f}/{h['top3']:.3f}")
+    print(f"model: V={config.vocab_size} E={config.embed_dim} H={config.lstm_units}, {config.num_parameters:,} "
+          f"parameters; LiteRT num_threads={args.threads}")
+
+    # Export: trainable + quantized inference (the published version), and a float inference model.
+    started = time.monotonic()
+    model_dir = work / "model"
+    export_model(tokenizer_path=data.tokenizer_path, out_dir=model_dir, config=config, weights=weights)
+    inference = InferenceLM(config, weights)
+    float_path = work / "inference_float.tflite"
+    float_path.write_bytes(convert_module(inference, {"step": inference.step.get_concrete_function()}))
+    print(f"exported in {time.monotonic() - started:.0f} s")
+    paths = {"trainable": model_dir / "trainable.tflite", "inference float": float_path,
+             "inference quantized": model_dir / "inference.tflite"}
+    print("\nfile sizes:")
+    for name, path in paths.items():
+        print(f"  {name:20s} {path.stat().st_size / 1e6:6.2f} MB")
+    print(f"  quantized / float inference: {paths['inference quantized'].stat().st_size / float_path.stat().st_size:.2f}")
+
+    def stepper(path):
+        return Interpreter(model_path=str(path), num_threads=args.threads).get_signature_runner("step")
+
+    steps = {"quantized": stepper(paths["inference quantized"]), "float": stepper(float_path)}
+    H = config.lstm_units
+    zero = np.zeros((1, H), np.float32)
+    test_stream = np.concatenate([s for s in data.test.values() if len(s)])
+
+    # Latency: one keystroke = one stateful step.
+    print(f"\nlatency per keystroke ({args.keystrokes} steps over test text, state carried):")
+    step_p50 = {}
+    for name, step in steps.items():
+        h, c = zero, zero
+        for token in test_stream[:50]:  # warm-up
+            out = step(token=np.array([token], np.int32), h=h, c=c)
+            h, c = out["h"], out["c"]
+        times = []
+        for token in test_stream[50 : 50 + args.keystrokes]:
+            t0 = time.perf_counter()
+            out = step(token=np.array([token], np.int32), h=h, c=c)
+            times.append((time.perf_counter() - t0) * 1e3)
+            h, c = out["h"], out["c"]
+        step_p50[name] = np.percentile(times, 50)
+        print(f"  stateful step, {name:10s}     {_percentiles(times)}")
+
+    # Latency: re-reading a 20-token prefix from zero state (a stateless keyboard would).
+    T = config.seq_len
+    replay = []
+    for _ in range(args.prefixes):
+        start = int(rng.integers(0, len(test_stream) - T))
+        t0 = time.perf_counter()
+        h, c = zero, zero
+        for token in test_stream[start : start + T]:
+            out = steps["quantized"](token=np.array([token], np.int32), h=h, c=c)
+            h, c = out["h"], out["c"]
+        replay.append((time.perf_counter() - t0) * 1e3)
+    print(f"  replay {T}-token prefix, quant. {_percentiles(replay)}")
+
+    # Latency: the trainable model's infer ([B, T] at once; one row would be the prefix).
+    trainable = Interpreter(model_path=str(paths["trainable"]), num_threads=args.threads)
+    infer = trainable.get_signature_runner("infer")
+    x = np.zeros((config.batch_size, T), np.int32)
+    infer_ms = []
+    for i in range(max(20, args.prefixes // 5)):
+        start = int(rng.integers(0, len(test_stream) - T))
+        x[0] = test_stream[start : start + T]
+        t0 = time.perf_counter()
+        infer(x=x)
+        if i >= 3:  # the first calls allocate
+            infer_ms.append((time.perf_counter() - t0) * 1e3)
+    print(f"  trainable model's infer         {_percentiles(infer_ms)}")
+
+    # Latency: a whole suggestion per keystroke (tokenize, feed new pieces, beam search to 3 words).
+    suggester = Suggester(model_dir, num_threads=args.threads)
+    suggest_ms = []
+    for _ in range(3):
+        suggester.reset()
+        for end in range(1, len(TYPED) + 1):
+            t0 = time.perf_counter()
+            words = suggester.suggest(TYPED[:end])
+            suggest_ms.append((time.perf_counter() - t0) * 1e3)
+    print(f"  Suggester.suggest (3 words)     {_percentiles(suggest_ms)}")
+    print(f"    e.g. {TYPED!r} -> {words}")
+    q50 = step_p50["quantized"]
+    print("\nlatency ratios (p50):")
+    print(f"  replay {T}-token prefix / stateful step   {np.percentile(replay, 50) / q50:6.1f}x")
+    print(f"  trainable infer / stateful step          {np.percentile(infer_ms, 50) / q50:6.1f}x")
+    print(f"  quantized / float stateful step          {q50 / step_p50['float']:6.2f}")
+    print(f"  targets: step p50 < 1 ms: {'met' if q50 < 1.0 else 'NOT met'}; "
+          f"step p99 < 5 ms: {'met' if np.percentile(times, 99) < 5.0 else 'NOT met'}")
+
+    # Accuracy: the same held-out test windows through both inference models.
+    windows = concat_windows([make_windows(s, T) for s in data.test.values() if len(s) > 1])
+    chosen = np.sort(rng.choice(len(windows), min(args.windows, len(windows)), replace=False))
+    windows = windows.take(chosen)
+    logits = {name: np.zeros((len(windows), T, config.vocab_size), np.float32) for name in steps}
+    for name, step in steps.items():
+        for n in range(len(windows)):
+            h, c = zero, zero
+            for t, token in enumerate(windows.x[n]):
+                out = step(token=np.array([token], np.int32), h=h, c=c)
+                h, c = out["h"], out["c"]
+                logits[name][n, t] = out["logits"][0]
+    m = windows.mask > 0
+    top1 = {name: value.argmax(-1) for name, value in logits.items()}
+    print(f"\nquantization cost on {len(windows)} test windows ({int(m.sum())} masked-in next tokens, "
+          f"tokenizer {load_tokenizer(data.tokenizer_path).get_piece_size()} pieces):")
+    print(f"  top-1 agreement float vs quantized   {np.mean(top1['float'][m] == top1['quantized'][m]):.4f}")
+    for name in steps:
+        nll = -np.take_along_axis(_log_softmax(logits[name]), windows.y[..., None], -1)[..., 0]
+        print(f"  {name:10s} top-1 accuracy {np.mean(top1[name][m] == windows.y[m]):.4f}   "
+              f"token perplexity {np.exp(nll[m].mean()):8.2f}")
+    print(f"  max |logit float - quantized|        {np.abs(logits['float'] - logits['quantized'])[m].max():.4f}")
+    print(f"\n(work folder: {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
