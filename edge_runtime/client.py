@@ -45,6 +45,10 @@ class ServerUnavailable(FedkbError):
     """The server could not be reached (or kept failing with 5xx) after every retry."""
 
 
+class DownloadTooLarge(FedkbError):
+    """A download went past the size it was allowed; it was stopped and its partial file removed."""
+
+
 # What enrollment returns is what the device keeps: its id and bearer token.
 Credentials = EnrollResponse
 
@@ -180,8 +184,13 @@ class ServerClient:
         except ValueError as err:  # ManifestError for the model store: a bad download, not a crash
             raise ManifestError(f"{path}: the server sent a manifest that is not JSON ({err})") from None
 
-    def download(self, version: int, filename: str, dest: Path) -> int:
-        """Stream one file of a version into `dest` (fsynced); return its size in bytes."""
+    def download(self, version: int, filename: str, dest: Path, *, max_bytes: int | None = None) -> int:
+        """Stream one file of a version into `dest` (fsynced); return its size in bytes.
+
+        Raises:
+            DownloadTooLarge: the body went past `max_bytes` (the manifest's size): reading stops
+                there, so a body that never ends cannot fill the disk. Not retried.
+        """
         path = f"/v1/models/{version}/{filename}"
         for attempt in range(self.retry.max_attempts):
             response, _ = self._request("GET", path, auth=False, stream=True)
@@ -189,11 +198,16 @@ class ServerClient:
                 size = 0
                 with open(dest, "wb") as f:
                     for chunk in response.iter_content(1 << 16):
-                        f.write(chunk)
                         size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise DownloadTooLarge(f"GET {path}: more than the {max_bytes} bytes expected; stopped")
+                        f.write(chunk)
                     f.flush()
                     os.fsync(f.fileno())
                 return size
+            except DownloadTooLarge:
+                Path(dest).unlink(missing_ok=True)
+                raise
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
                 # The connection broke mid-body: fetch the whole file again.
                 if attempt + 1 == self.retry.max_attempts:

@@ -14,6 +14,15 @@ https://arxiv.org/abs/1902.01046, §2–3):
 6. clip Δ, encode it (safetensors), keep it in the outbox, upload it, and clear the outbox once
    the server has it (or says it is too late).
 
+A long-running device survives what goes wrong in a cycle: an unreachable server, a refusal
+(4xx) or a rejected model is logged, reported as the cycle's outcome ("wait" or "error") and
+retried after the poll interval. A 401 is reported as such and never answered by enrolling again
+behind the operator's back: the server no longer knows this device (its state was reset, or
+the token revoked), and only the operator can decide to start over with a new identity.
+
+The device also serves suggestions (`suggest`) from whichever version is current: its
+`LiveSuggester` is a model-store listener, so suggestions follow every swap the cycles make.
+
 Files under `home`: `credentials.json` (0600), `examples.sqlite` (the typed text; never sent),
 `models/` (verified versions), `job.safetensors` (an interrupted job), `outbox/` (an update
 waiting to be uploaded).
@@ -39,9 +48,10 @@ from edge_runtime.litert_model import TrainableModel
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
 from edge_runtime.store import ExampleStore, RetentionPolicy
+from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob
 from fedkb.errors import FedkbError
-from fedkb.manifest import TOKENIZER_FILE
+from fedkb.manifest import TOKENIZER_FILE, Manifest
 from fedkb.protocol import RoundTask
 from fedkb.wire import UpdateMetadata, encode_update
 
@@ -69,7 +79,7 @@ class CycleReport:
     """What one cycle did (logged, printed by `fedkb device --format json`)."""
 
     action: str  # ineligible | wait | no_data | model_rejected | interrupted | abandoned | accepted |
-    #              duplicate | dropped | rejected | upload_failed
+    #              duplicate | dropped | rejected | upload_failed | error
     reasons: tuple[str, ...] = ()
     round_id: int | None = None
     model_version: int | None = None
@@ -80,6 +90,7 @@ class CycleReport:
     upload_attempts: int = 0
     steps: int = 0
     mean_loss: float | None = None
+    message: str | None = None  # for "error": what went wrong and what the operator can do
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, (), 0) or k == "action"}
@@ -107,6 +118,10 @@ class Device:
         self.scheduler = Scheduler(state=state, policy=config.policy,
                                    checkpoints=CheckpointStore(self.home / "job.safetensors"), clock=clock)
         self.outbox = self.home / "outbox"
+        self.suggester = LiveSuggester(num_threads=config.num_threads)
+        if self.models.current_dir() is not None:
+            self._follow_model(self.models.current_dir())
+        self.models.add_listener(self._follow_model)
 
     def close(self) -> None:
         self.examples.close()
@@ -143,6 +158,23 @@ class Device:
             raise FedkbError(f"{path}: cannot read the text file ({err})") from None
         log.info("imported %d new messages from %s (%d stored)", added, path, self.examples.count())
         return added
+
+    def suggest(self, text: str, k: int = 3) -> list[str]:
+        """The top-k next words after `text` from the current model ([] until one is installed).
+
+        Safe to call from the UI thread while `run` cycles on another: a model swap builds the
+        new version's suggester before switching, so suggestions never go blank.
+        """
+        return self.suggester.suggest(text, k=k)
+
+    def _follow_model(self, model_dir: Path, manifest: Manifest | None = None) -> None:
+        """Model-store listener: serve suggestions from the version just made current. A version
+        whose inference model will not load keeps the old suggestions rather than stopping the
+        device (training, which does not need it, goes on)."""
+        try:
+            self.suggester.swap(model_dir, manifest)
+        except FedkbError as err:
+            log.error("suggestions stay on model version %s: %s", self.suggester.version, err)
 
     def forget_user_data(self) -> None:
         """Delete the typed text and everything derived from it (job checkpoint, pending update)."""
@@ -202,11 +234,12 @@ class Device:
             windows = None  # resuming: the checkpoint carries the job's windows
         elif len(windows) == 0:
             return CycleReport("no_data", **where)
-        job = TrainingJob(model, model.get_weights(), windows, task, seed=self._seed(task.round_id))
+        job = TrainingJob(model, model.get_weights(), windows, task, seed=self._seed(task.round_id), up_to_id=up_to)
         outcome: JobOutcome = self.scheduler.run(job)
         if outcome.status != COMPLETED:
             action = "abandoned" if outcome.status == ABANDONED else "interrupted"
             return CycleReport(action, outcome.reasons, steps=outcome.steps_run, **where)
+        up_to = job.up_to_id  # a resumed job's own, from its checkpoint: not what was typed meanwhile
 
         update = job.result(outcome.losses)
         body = encode_update(update.deltas, UpdateMetadata(
@@ -290,18 +323,39 @@ class Device:
             except ServerUnavailable as err:
                 log.warning("server unreachable: %s", err)
                 report = CycleReport("wait", ("server_unavailable",), retry_after=self.config.poll_seconds)
+            except (ServerError, ModelRejected) as err:
+                report = self._error_report(err)
             reports.append(report)
             log.info("cycle: %s", json.dumps(report.to_json()))
             if max_cycles is not None and len(reports) >= max_cycles:
                 break
-            if report.action == "wait":
-                delay = report.retry_after or self.config.poll_seconds
-            elif report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected"):
-                delay = self.config.poll_seconds
-            else:
-                delay = 1.0  # something happened: look again soon (the next round may be open)
-            stop.wait(delay)
+            stop.wait(next_delay(report, self.config.poll_seconds))
         return reports
+
+    def _error_report(self, err: ServerError | ModelRejected) -> CycleReport:
+        """A cycle the server refused, or a model that failed its checks: logged and reported,
+        and the loop goes on (the server may come back to its senses, a new version may come)."""
+        if not isinstance(err, ServerError):
+            log.error("cycle failed: %s", err)
+            return CycleReport("error", ("model_rejected",), message=str(err))
+        message = str(err)
+        if err.status == 401:
+            message = (f"the server does not accept this device's credentials ({err.code}: {err.message}); "
+                       f"if its state was reset, delete {self.home / CREDENTIALS_FILE} and start the device "
+                       "again to enroll anew")
+        log.error("cycle failed: %s", message)
+        return CycleReport("error", (err.code,), message=message)
+
+
+def next_delay(report: CycleReport, poll_seconds: float) -> float:
+    """Seconds to wait after a cycle: what the server asked for, the poll interval while there is
+    nothing to do or after an error (backing off rather than hammering a server that refuses),
+    and a moment after real work (the next round may already be open)."""
+    if report.action == "wait":
+        return report.retry_after or poll_seconds
+    if report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected", "error"):
+        return poll_seconds
+    return 1.0
 
 
 def load_credentials(home: Path) -> Credentials | None:

@@ -11,6 +11,12 @@ and sha256 (`fedkb.manifest.verify_files`), the folder is renamed to `v<N>` and 
 serving; a file that fails its checksum is deleted with its staging folder and the old version
 stays current. Listeners (the suggester) are told after a swap, so the trainable and the
 inference model of one version always change together.
+
+A manifest is input from the network, so its file names are checked before anything is read or
+written: each must be one plain file name (no path separator, not absolute, not empty, not `.`
+or `..`), or `staging / name` could land anywhere on the device. Each download is cut off as
+soon as it exceeds the size the manifest lists, so a server (or a proxy) sending an endless body
+cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_runtime.client import DownloadTooLarge
 from fedkb.errors import FedkbError
 from fedkb.fsutil import fsync_dir
 from fedkb.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, verify_files
@@ -122,8 +129,12 @@ class ModelStore:
             return load_manifest(self.version_dir(manifest.version))
 
         def fill(staging: Path) -> None:
-            for name in manifest.files:
-                client.download(manifest.version, name, staging / name)
+            for name, entry in manifest.files.items():
+                try:
+                    client.download(manifest.version, name, staging / name, max_bytes=entry.bytes)
+                except DownloadTooLarge as err:
+                    raise ModelRejected(f"version {manifest.version} rejected, keeping version "
+                                        f"{self.current_version}: {err}") from None
 
         return self._install(manifest, raw, fill, activate=activate)
 
@@ -202,16 +213,30 @@ def _remote_manifest(client, version: int | None = None) -> tuple[Manifest, byte
     """The server's manifest. One garbled in transit is a rejected download like a bad file
     (the device keeps its version and tries again later), not an error that stops the device."""
     try:
-        return client.manifest(version)
+        manifest, raw = client.manifest(version)
     except ManifestError as err:
         raise ModelRejected(f"manifest rejected: {err}") from None
+    _check_file_names(manifest)
+    return manifest, raw
 
 
 def _verified_manifest(folder: Path) -> Manifest:
     try:
         manifest = load_manifest(folder)
+        _check_file_names(manifest)  # before verify_files reads `folder / name`
         verify_files(folder, manifest)
     except ManifestError as err:
         raise ModelRejected(str(err)) from None
     return manifest
 
+
+def _check_file_names(manifest: Manifest) -> None:
+    """Every listed file must be one plain name inside the version folder.
+
+    Raises:
+        ModelRejected: a name that is empty, `.`/`..`, absolute, or holds a path separator or NUL.
+    """
+    for name in manifest.files:
+        if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+            raise ModelRejected(f"version {manifest.version} rejected: the manifest lists the file name {name!r}, "
+                                "which is not a plain file name")

@@ -9,7 +9,9 @@ one user's influence (McMahan et al., 2018, https://arxiv.org/abs/1710.06963).
 
 `TrainingJob` is that update as a resumable `scheduler.Job`: the batch order is fixed by the
 seed, a snapshot holds the local weights and the job's windows, so an interrupted job resumes
-to exactly the result of an uninterrupted one. Deterministic for a given seed.
+to exactly the result of an uninterrupted one. Deterministic for a given seed. The snapshot also
+keeps which messages the windows came from (`up_to_id`), so a resumed job marks as trained only
+what it trained on, not the messages typed while it was interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedkb.clipping import clip_by_global_norm
 from fedkb.errors import FedkbError
 from fedkb.protocol import RoundTask
 
-_W, _X, _Y, _MASK = "weights/", "data/x", "data/y", "data/mask"
+_W, _X, _Y, _MASK, _UP_TO = "weights/", "data/x", "data/y", "data/mask", "data/up_to_id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +69,20 @@ class TrainingJob:
             for a job that will be `restore`d from a checkpoint before it runs.
         task: the round's task (epochs, learning rate, batch size, clip norm, deadline).
         seed: fixes the sample and the batch order.
+        up_to_id: the newest example-store id the windows were made from (restored with the
+            windows; 0 when unknown, which marks nothing as trained).
 
     Raises:
         FedkbError: the task's batch size differs from the model's static one, or no windows.
     """
 
     def __init__(self, model: TrainableModel, global_weights: Weights, windows: Windows | None, task: RoundTask, *,
-                 seed: int):
+                 seed: int, up_to_id: int = 0):
         if task.batch_size != model.batch_size:
             raise FedkbError(f"task batch size {task.batch_size} differs from the model's static {model.batch_size}")
         if task.epochs < 1:
             raise FedkbError(f"task asks for {task.epochs} epochs")
-        self.model, self.task, self.seed = model, task, seed
+        self.model, self.task, self.seed, self.up_to_id = model, task, seed, up_to_id
         self.global_weights = {k: np.array(v, np.float32, copy=True) for k, v in global_weights.items()}
         self.windows, self._batches = None, []
         if windows is not None:
@@ -105,13 +109,15 @@ class TrainingJob:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         tensors = {_W + k: v for k, v in self.model.get_weights().items()}
-        tensors.update({_X: self.windows.x, _Y: self.windows.y, _MASK: self.windows.mask})
+        tensors.update({_X: self.windows.x, _Y: self.windows.y, _MASK: self.windows.mask,
+                        _UP_TO: np.array([self.up_to_id], np.int64)})
         return tensors
 
     def restore(self, tensors: dict[str, np.ndarray]) -> None:
         weights = {k[len(_W):]: v for k, v in tensors.items() if k.startswith(_W)}
         self._set_windows(Windows(tensors[_X].astype(np.int32), tensors[_Y].astype(np.int32),
                                   tensors[_MASK].astype(np.float32)))
+        self.up_to_id = int(tensors[_UP_TO][0]) if _UP_TO in tensors else 0  # 0: a checkpoint that predates it
         self.model.set_weights(weights)
 
     # Result ----------------------------------------------------------------------------------

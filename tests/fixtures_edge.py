@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import itertools
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,10 @@ class FaultProxy:
         drop_after_forward: forward this many upload POSTs, then close the connection without
             an answer (the server has the update; the device never hears back).
         corrupt: path suffixes whose response body gets one byte flipped.
+        rewrite: path suffix -> function of the body returning the body to send instead.
+        pad: path suffix -> bytes to append to the body, sent chunked (no Content-Length) so the
+            client only learns the size by reading; `padded` records (path, bytes sent, whether
+            the whole body went out) once the client has read it all or hung up.
     Counters: `requests` (every path seen, in order), `uploads_forwarded`.
     """
 
@@ -104,6 +110,9 @@ class FaultProxy:
         self.fail_uploads = 0
         self.drop_after_forward = 0
         self.corrupt: set[str] = set()
+        self.rewrite: dict[str, Callable[[bytes], bytes]] = {}
+        self.pad: dict[str, int] = {}
+        self.padded: list[tuple[str, int, bool]] = []
         self.requests: list[str] = []
         self.uploads_forwarded = 0
         self._lock = threading.Lock()
@@ -156,8 +165,33 @@ class FaultProxy:
         content = upstream.content
         if any(path.endswith(suffix) for suffix in self.corrupt) and content:
             content = bytes([content[0] ^ 0xFF]) + content[1:]
+        for suffix, change in self.rewrite.items():
+            if path.endswith(suffix):
+                content = change(content)
         keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "etag", "retry-after")}
+        padding = next((n for suffix, n in self.pad.items() if path.endswith(suffix)), 0)
+        if padding:
+            return self._reply_padded(handler, path, upstream.status_code, content, padding, keep)
         return self._reply(handler, upstream.status_code, content, keep)
+
+    def _reply_padded(self, handler, path: str, status: int, body: bytes, padding: int, headers: dict) -> None:
+        handler.send_response(status)
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        block, sent, whole = b"\0" * (1 << 20), 0, False
+        try:
+            pads = (block[:min(len(block), padding - i)] for i in range(0, padding, len(block)))
+            for chunk in itertools.chain([body], pads):
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            handler.wfile.write(b"0\r\n\r\n")
+            whole = True
+        except OSError:  # the client hung up
+            handler.close_connection = True
+        with self._lock:
+            self.padded.append((path, sent, whole))
 
     @staticmethod
     def _reply(handler, status: int, body: bytes, headers: dict) -> None:

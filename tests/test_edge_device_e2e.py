@@ -13,13 +13,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from edge_runtime.client import RetryPolicy, ServerClient
-from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.device import CREDENTIALS_FILE, CycleReport, Device, DeviceConfig, next_delay
 from edge_runtime.device_state import ScriptedDeviceState
+from edge_runtime.eligibility import EligibilityPolicy
 from fedkb.manifest import load_manifest, verify_files
 from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
 from tests.fixtures_edge import FaultProxy, edge_model, state, text_file, user_lines  # noqa: F401
@@ -95,9 +97,7 @@ def test_ineligible_device_sends_nothing(serve, proxies, text_file, tmp_path):
     assert report == {"action": "ineligible", "reasons": ["not_charging"]}
     assert proxy.requests == ["POST /v1/devices"]  # enrolling, then not a byte: no check-in, no download
     out = fedkb_device(proxy.url, home, "--state", "charging=1,idle=0,battery=5", "--once", text=text_file)
-    assert out.returncode == 0 and out.stdout.startswith("ineligible")
-    for reason in ("not_idle", "low_battery"):
-        assert reason in out.stdout
+    assert (out.returncode, out.stdout) == (0, "ineligible (reasons=not_idle,low_battery)\n"), out.stderr[-2000:]
     assert proxy.requests == ["POST /v1/devices"]  # enrolled once; the second run sent nothing at all
     s = status(server.url)
     assert s["totals"]["accepted"] == 0 and s["round"]["assigned"] == 0
@@ -186,6 +186,24 @@ def test_forget_deletes_the_typed_text(serve, text_file, tmp_path):
     assert text_file.read_text().splitlines()[0].encode() not in (home / "examples.sqlite").read_bytes()
 
 
+def test_a_server_that_forgot_the_device_is_reported_not_fatal(serve, text_file, tmp_path):
+    """A server whose state was reset answers 401: the device says so, tells the operator what to
+    do, keeps its credentials (no silent re-enrollment) and, running long, keeps cycling."""
+    old, reset = serve(), serve()  # `reset`: the same fleet's server after losing its state
+    home = tmp_path / "phone"
+    reports(fedkb_device(old.url, home, "--state", "charging=0", "--once", "--format", "json"))  # enrolls
+    credentials = (home / CREDENTIALS_FILE).read_text()
+
+    out = fedkb_device(reset.url, home, "--state", ALL_MET, "--once", text=text_file)
+    assert out.returncode == 0 and out.stdout.startswith("error (reasons=unauthorized, message="), out.stderr[-2000:]
+    assert f"delete {home / CREDENTIALS_FILE}" in out.stdout
+    cycles = reports(fedkb_device(reset.url, home, "--state", ALL_MET, "--cycles", "2", "--poll", "0.01",
+                                  "--format", "json"))
+    assert [(c["action"], c["reasons"]) for c in cycles] == [("error", ["unauthorized"])] * 2  # it kept going
+    assert (home / CREDENTIALS_FILE).read_text() == credentials
+    assert status(reset.url)["totals"]["accepted"] == 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--server", "ftp://x"), "must be an http:// or https:// URL"),
     (("--threads", "0"), "--threads"),
@@ -271,3 +289,85 @@ def test_interrupted_device_resumes_to_the_same_update(serve, text_file, tmp_pat
     finally:
         device.close()
         straight.close()
+
+
+def test_a_resumed_job_marks_only_the_messages_it_trained_on(serve, text_file, tmp_path):
+    server = serve()
+    interrupted = ScriptedDeviceState.sequence([state()] * (3 + 2) + [state(charging=False)])
+    device = _device(server.url, tmp_path / "phone", interrupted)
+    try:
+        device.import_text(text_file)
+        assert device.run_once().action == "interrupted"
+        typed_meanwhile = ["meet me at the station", "bring the thousand natural shocks", "see you soon"]
+        for text in typed_meanwhile:  # the job never saw these
+            device.examples.add(text)
+
+        device.state = device.scheduler.state = ScriptedDeviceState(state())
+        assert device.run_once().action == "accepted"
+        assert device.examples.new_examples() == len(typed_meanwhile)  # still waiting for the next job
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("report, delay", [
+    (CycleReport("error", ("unauthorized",)), 30.0),  # a refusal backs off like an outage
+    (CycleReport("error", ("model_rejected",)), 30.0),
+    (CycleReport("wait", ("server_unavailable",), retry_after=30.0), 30.0),
+    (CycleReport("wait", retry_after=5.0), 5.0),  # the server's pace steering
+    (CycleReport("ineligible", ("not_charging",)), 30.0),
+    (CycleReport("accepted"), 1.0),
+])
+def test_the_next_cycle_waits_as_the_last_one_ended(report, delay):
+    assert next_delay(report, poll_seconds=30.0) == delay
+
+
+def test_suggestions_follow_the_model_the_device_fetches(serve, text_file, tmp_path):
+    server = serve(goal_clients=1)  # one update closes a round and publishes the next version
+    home, prefix = tmp_path / "phone", "to be or not to"
+    config = dict(policy=EligibilityPolicy(min_new_examples=0))
+    device = _device(server.url, home, ScriptedDeviceState(state()), **config)
+    try:
+        assert (device.suggest(prefix), device.suggester.version) == ([], None)  # no model yet: an empty strip
+        device.import_text(text_file)
+        assert device.run_once().action == "accepted"
+        assert device.suggester.version == 1 and len(device.suggest(prefix)) == 3
+        wait_for(lambda: (s := status(server.url))["model_version"] == 2 and (s["round"] or {}).get("id") == 2,
+                 what="version 2 published and round 2 open")
+
+        # The keyboard keeps asking on its own thread while a cycle fetches version 2 and trains on it.
+        results, errors, stop = [], [], threading.Event()
+        served = threading.Condition()
+
+        def typist():
+            while not stop.is_set():
+                try:
+                    words = device.suggest(prefix)
+                    device.suggester.reset()
+                except Exception as err:  # any failure during the swap is a bug
+                    errors.append(err)
+                    return
+                with served:
+                    results.append(words)
+                    served.notify_all()
+
+        thread = threading.Thread(target=typist, daemon=True)
+        thread.start()
+        try:
+            with served:
+                assert served.wait_for(lambda: results or errors, timeout=30)
+            report = device.run_once()
+        finally:
+            stop.set()
+            thread.join(30)
+        assert (report.action, report.model_version) == ("accepted", 2), report
+        assert (device.suggester.version, device.models.current_version) == (2, 2)
+        assert errors == [] and results and all(len(words) == 3 for words in results)  # never blank
+        assert len(device.suggest(prefix)) == 3
+    finally:
+        device.close()
+
+    restarted = _device(server.url, home, ScriptedDeviceState(state()), **config)
+    try:  # a restarted device serves the installed version at once, before any cycle
+        assert restarted.suggester.version == 2 and len(restarted.suggest(prefix)) == 3
+    finally:
+        restarted.close()

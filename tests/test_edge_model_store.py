@@ -6,8 +6,11 @@ through `FaultProxy` when a test needs a file corrupted in transit.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +20,9 @@ from edge_runtime.client import RetryPolicy, ServerClient, ServerError
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.suggester import LiveSuggester
 from fedkb.errors import FedkbError
-from fedkb.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, load_manifest,
-                            sha256_file, verify_files)
-from tests.fixtures_aggregator import ServerThread, server_overrides
+from fedkb.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
+                            load_manifest, sha256_file, verify_files)
+from tests.fixtures_aggregator import ServerThread, server_overrides, wait_for
 from tests.fixtures_edge import FaultProxy, bump_version, edge_model, proxy  # noqa: F401
 
 
@@ -142,6 +145,63 @@ def test_fetching_an_unknown_version_fails_and_changes_nothing(store, client):
         store.fetch(client, 7)  # the server has no version 7
     assert (refused.value.status, refused.value.code) == (404, "unknown_version")
     assert store.current_version == 1 and _versions_on_disk(store) == ["v1"] and _leftovers(store) == []
+
+
+def _renaming(old: str, new: str):
+    """A proxy rewrite: the manifest lists file `old` under the name `new` (same size and sha256)."""
+    def change(content: bytes) -> bytes:
+        body = json.loads(content)
+        body["files"][new] = body["files"].pop(old)
+        return json.dumps(body).encode()
+    return change
+
+
+@pytest.mark.parametrize("name", ["../evil", "ABSOLUTE", "sub/evil", "sub\\evil", "", ".."])
+def test_a_manifest_naming_a_path_is_rejected_before_anything_is_written(store, client, proxy, tmp_path, name):
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "evil")
+    proxy.rewrite = {suffix: _renaming(TOKENIZER_FILE, name) for suffix in ("/v1/models/latest", MANIFEST_FILE)}
+    with pytest.raises(ModelRejected, match="not a plain file name"):
+        store.update_if_newer(client)
+    with pytest.raises(ModelRejected, match="not a plain file name"):
+        store.fetch(client, 2)
+    files_asked = [r for r in proxy.requests if r.startswith("GET /v1/models/2/") and not r.endswith(MANIFEST_FILE)]
+    assert files_asked == []
+    assert not (tmp_path / "evil").exists() and not (store.root / "evil").exists()
+    assert store.current_version == 1 and _versions_on_disk(store) == ["v1"] and _leftovers(store) == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "sub/evil", "ABSOLUTE"])
+def test_install_local_rejects_a_manifest_naming_a_path(edge_model, tmp_path, name):
+    from fedkb.manifest import write_manifest
+
+    source = Path(shutil.copytree(edge_model, tmp_path / "src"))
+    name = str(tmp_path / "outside") if name == "ABSOLUTE" else name
+    target = source / name  # the file the manifest points at exists, with the right hash
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"payload")
+    manifest = load_manifest(source)
+    files = {**manifest.files, name: FileEntry(sha256=sha256_file(target), bytes=target.stat().st_size)}
+    write_manifest(source, dataclasses.replace(manifest, version=2, files=files))
+    store = ModelStore(tmp_path / "device" / "models")
+    with pytest.raises(ModelRejected, match="not a plain file name"):
+        store.install_local(source)
+    assert sorted(p.name for p in (tmp_path / "device").iterdir()) == ["models"]  # nothing beside the store
+    assert list(store.root.iterdir()) == [] and store.current_version is None
+
+
+def test_a_download_longer_than_its_manifest_says_is_cut_off(store, client, proxy):
+    padding = 128 << 20  # far more than the loopback socket buffers hold
+    proxy.pad = {TRAINABLE_FILE: padding}
+    with pytest.raises(ModelRejected, match=TRAINABLE_FILE):
+        store.update_if_newer(client)
+    wait_for(lambda: proxy.padded, what="the proxy to finish sending")
+    ((path, sent, whole),) = proxy.padded
+    assert path.endswith(TRAINABLE_FILE) and not whole and sent < padding // 2  # the device hung up early
+    assert store.current_version == 1 and _versions_on_disk(store) == ["v1"] and _leftovers(store) == []
+
+    proxy.pad = {}  # the honest file is accepted
+    assert store.update_if_newer(client).version == 2
 
 
 # Swaps, rollback, crash leftovers ---------------------------------------------------------

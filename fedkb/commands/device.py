@@ -90,7 +90,8 @@ def run(args) -> int:
             if args.format == "json":
                 print(json.dumps(report.to_json()))
             else:
-                details = ", ".join(f"{k}={v}" for k, v in report.to_json().items() if k != "action")
+                details = ", ".join(f"{k}={','.join(v) if isinstance(v, tuple) else v}"
+                                    for k, v in report.to_json().items() if k != "action")
                 print(f"{report.action}" + (f" ({details})" if details else ""))
         return 0
     finally:
