@@ -46,7 +46,11 @@ class AggregatorConfig:
     # Aggregation: re-clip every update to clip_norm, then server SGD on the weighted mean delta.
     clip_norm: float = 1.0
     server_lr: float = 1.0  # 1.0 without momentum is plain FedAvg
-    server_momentum: float = 0.0  # > 0 is FedAvgM (Hsu et al., 2019)
+    server_momentum: float = 0.0  # > 0 is FedAvgM (Hsu et al., 2019); sgd only
+    server_optimizer: str = "sgd"  # sgd (FedAvg / FedAvgM) or adam (FedAdam, Reddi et al., 2021)
+    server_beta1: float = 0.9  # adam only
+    server_beta2: float = 0.99  # adam only
+    server_epsilon: float = 1e-3  # adam only
 
     # What a task asks of a device.
     device_lr: float = 0.5
@@ -92,6 +96,13 @@ class AggregatorConfig:
                 problems.append(f"{name} must be a positive number, got {value}")
         if not (math.isfinite(self.checkpoint_interval) and self.checkpoint_interval >= 0):
             problems.append(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
+        if self.server_optimizer not in ("sgd", "adam"):
+            problems.append(f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}")
+        for name in ("server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.server_epsilon > 0.0:
+            problems.append(f"server_epsilon must be positive, got {self.server_epsilon}")
         if not 0.0 <= self.server_momentum < 1.0:
             problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.device_epochs < 1 or self.device_max_examples < 1:

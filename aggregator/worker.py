@@ -24,7 +24,7 @@ import threading
 import time
 
 from aggregator import db
-from aggregator.fedavg import server_step
+from aggregator.fedavg import ADAM_STEP, ServerStep, adam_step, server_step
 from aggregator.folding import Folder, FolderLock
 from aggregator.model_store import ModelStore
 from aggregator.publish import publish_version
@@ -156,9 +156,7 @@ class Worker:
 
         # Server computation: w ← w + η·(β·v + Δ̄).
         mean_delta = current.total.mean()
-        step = server_step(self.store.weights(parent), mean_delta, server_lr=self.config.server_lr,
-                           momentum=self.config.server_momentum,
-                           velocity=self.store.velocity(parent) if self.config.server_momentum else None)
+        step = self._server_step(parent, mean_delta)
         aggregate_seconds = self.folder.fold_seconds + (time.perf_counter() - start)
 
         # Publishing.
@@ -168,7 +166,7 @@ class Worker:
         if stale.exists():  # published before a crash, but never recorded: write it again
             shutil.rmtree(stale)
         publish_version(self.store, parent=parent, version=new_version, weights=step.weights,
-                        velocity=step.velocity if self.config.server_momentum else None,
+                        velocity=step.velocity if self._keeps_optimizer_state else None,
                         extra={"round_id": round_.id, "num_clients": current.total.count})
         publish_seconds = time.perf_counter() - publish_start
 
@@ -189,6 +187,23 @@ class Worker:
                                         "publish_seconds": round(publish_seconds, 4)})
         self._notify(db.get_round(conn, round_.id), CLOSED, publish_seconds)
         self._open_round(conn, now)
+
+    @property
+    def _keeps_optimizer_state(self) -> bool:
+        return self.config.server_optimizer == "adam" or self.config.server_momentum > 0.0
+
+    def _server_step(self, parent: int, mean_delta) -> ServerStep:
+        """w ← the server optimizer's step on Δ̄; its state travels with the version (crash safe)."""
+        c = self.config
+        state = self.store.velocity(parent) if self._keeps_optimizer_state else None
+        if state is not None and (ADAM_STEP in state) != (c.server_optimizer == "adam"):
+            log.warning("server optimizer changed to %s: starting its state afresh", c.server_optimizer)
+            state = None  # the parent was made by the other optimizer (settings changed at a restart)
+        if c.server_optimizer == "adam":
+            return adam_step(self.store.weights(parent), mean_delta, server_lr=c.server_lr, beta1=c.server_beta1,
+                             beta2=c.server_beta2, epsilon=c.server_epsilon, state=state)
+        return server_step(self.store.weights(parent), mean_delta, server_lr=c.server_lr,
+                           momentum=c.server_momentum, velocity=state)
 
     def _notify(self, round_: RoundRecord, outcome: str, seconds: float | None) -> None:
         if self.on_round_end is not None:

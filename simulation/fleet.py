@@ -57,6 +57,7 @@ class FleetConfig:
     clip_norm: float = 1.0
     server_lr: float = 1.0
     server_momentum: float = 0.7  # FedAvgM (Hsu et al., 2019): measured faster and steadier here than 0 or 0.9
+    server_optimizer: str = "sgd"  # sgd (FedAvg/FedAvgM) or adam (FedAdam: β₁ 0.9, β₂ 0.99, ε 1e-3)
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)
@@ -98,7 +99,8 @@ class ServerProcess:
                 "--goal-clients", str(config.clients_per_round), "--min-clients", str(min_clients),
                 "--over-selection", str(config.over_selection), "--round-timeout", "3600",
                 "--clip-norm", str(config.clip_norm), "--server-lr", str(config.server_lr),
-                "--server-momentum", str(config.server_momentum), "--device-lr", str(config.device_lr),
+                "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
+                "--device-lr", str(config.device_lr),
                 "--device-epochs", str(config.device_epochs), "--device-max-examples", str(config.max_examples)]
         env = {**os.environ, "FEDKB_ENROLLMENT_SECRET": self.secret, "FEDKB_ADMIN_TOKEN": self.admin}
         self._log = open(log_path, "ab")

@@ -73,8 +73,11 @@ class _Reference:
         self.process = tff.learning.algorithms.build_weighted_fed_avg(
             model_fn,
             client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=fleet.device_lr),
-            server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=fleet.server_lr,
-                                                                   momentum=server_momentum),
+            server_optimizer_fn=(
+                tff.learning.optimizers.build_adam(learning_rate=fleet.server_lr, beta_1=0.9, beta_2=0.99,
+                                                   epsilon=1e-3)
+                if fleet.server_optimizer == "adam" else
+                tff.learning.optimizers.build_sgdm(learning_rate=fleet.server_lr, momentum=server_momentum)),
             model_aggregator=tff.aggregators.clipping_factory(fleet.clip_norm, tff.aggregators.MeanFactory()),
         )
         self.state = self.process.initialize()

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     group.add_argument("--server-lr", type=float, default=1.0)
     group.add_argument("--server-momentum", type=float, default=0.7,
                        help="FedAvgM server momentum; 0 for plain FedAvg")
+    group.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd",
+                       help="sgd: FedAvg / FedAvgM (with --server-momentum); adam: FedAdam (try --server-lr 0.01)")
     group.add_argument("--round-hours", type=float, default=1.0, help="simulated hours between rounds")
     group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
@@ -60,7 +62,7 @@ def run(args) -> int:
     fleet = FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
-        clip_norm=args.clip_norm, server_lr=args.server_lr, server_momentum=args.server_momentum,
+        clip_norm=args.clip_norm, server_lr=args.server_lr, server_momentum=args.server_momentum, server_optimizer=args.server_optimizer,
         round_hours=args.round_hours,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
     model = model_config_from_args(args, vocab_size=args.vocab_size)
