@@ -55,9 +55,11 @@ class FleetConfig:
     device_epochs: int = 1
     max_examples: int = 64  # windows per device per round
     clip_norm: float = 1.0
-    server_lr: float = 1.0
-    server_momentum: float = 0.7  # FedAvgM (Hsu et al., 2019): measured faster and steadier here than 0 or 0.9
-    server_optimizer: str = "sgd"  # sgd (FedAvg/FedAvgM) or adam (FedAdam: β₁ 0.9, β₂ 0.99, ε 1e-3)
+    server_lr: float = 0.03  # FedAdam's; plain FedAvg (sgd, no momentum) is 1.0
+    server_momentum: float = 0.0  # sgd only: FedAvgM (Hsu et al., 2019)
+    # FedAdam (Reddi et al., 2021; β₁ 0.9, β₂ 0.99, ε 1e-3): measured on Shakespeare it beat FedAvgM
+    # (momentum 0.7) at 30 rounds and, at 300 rounds, the 1-epoch centralized baseline (README).
+    server_optimizer: str = "adam"
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)

@@ -82,6 +82,7 @@ def _simulate(args, cwd, timeout=600):
     (["--clients", "5", "--clients-per-round", "6"], "--clients-per-round (6) cannot exceed --clients (5)"),
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+    (["--server-momentum", "0.9"], "--server-momentum applies to --server-optimizer sgd"),
     (["--dataset", "jsonl:/nonexistent/users.jsonl"], "/nonexistent/users.jsonl"),
 ])
 def test_bad_settings_fail_at_once_with_one_line(args, message, tmp_path):

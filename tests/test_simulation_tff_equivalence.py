@@ -38,11 +38,13 @@ def _task(server, device):
     return body["task"]
 
 
-def test_one_round_matches_tff(tiny_model, tiny_data, tiny_config, tmp_path):
+@pytest.mark.parametrize("optimizer", [dict(server_optimizer="sgd", server_lr=1.0),  # plain FedAvg
+                                       dict(server_optimizer="adam", server_lr=0.01)])  # FedAdam
+def test_one_round_matches_tff(optimizer, tiny_model, tiny_data, tiny_config, tmp_path):
     data = load_prepared(tiny_data)
     client_ids = sorted(data.train)[:CLIENTS]
     fleet = FleetConfig(clients=CLIENTS, clients_per_round=CLIENTS, min_clients=CLIENTS, device_lr=0.5,
-                        max_examples=12, clip_norm=0.05, workers=1)
+                        max_examples=12, clip_norm=0.05, workers=1, **optimizer)
     initial = load_weights(tiny_model / "weights.safetensors", tiny_config)
 
     # Our stack: real `fedkb serve`, each device runs the LiteRT job and uploads over HTTP.

@@ -33,11 +33,11 @@ def register(subparsers) -> None:
     group.add_argument("--device-epochs", type=int, default=1)
     group.add_argument("--max-examples", type=int, default=64, help="windows per device per round")
     group.add_argument("--clip-norm", type=float, default=1.0)
-    group.add_argument("--server-lr", type=float, default=1.0)
-    group.add_argument("--server-momentum", type=float, default=0.7,
-                       help="FedAvgM server momentum; 0 for plain FedAvg")
-    group.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd",
-                       help="sgd: FedAvg / FedAvgM (with --server-momentum); adam: FedAdam (try --server-lr 0.01)")
+    group.add_argument("--server-lr", type=float, default=None,
+                       help="server learning rate (default: 0.03 with adam, 1.0 with sgd)")
+    group.add_argument("--server-optimizer", choices=("adam", "sgd"), default="adam",
+                       help="adam: FedAdam; sgd: FedAvg, or FedAvgM with --server-momentum")
+    group.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (sgd only)")
     group.add_argument("--round-hours", type=float, default=1.0, help="simulated hours between rounds")
     group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
@@ -59,11 +59,14 @@ def run(args) -> int:
         raise FedkbError(f"--clients-per-round ({args.clients_per_round}) cannot exceed --clients ({args.clients})")
     if args.data is None and ":" not in args.dataset and args.dataset != "shakespeare":
         raise FedkbError(f"unknown dataset {args.dataset!r}; expected shakespeare, jsonl:PATH, csv:PATH or dir:PATH")
+    if args.server_momentum and args.server_optimizer != "sgd":
+        raise FedkbError("--server-momentum applies to --server-optimizer sgd (FedAvgM) only")
+    server_lr = args.server_lr if args.server_lr is not None else (0.03 if args.server_optimizer == "adam" else 1.0)
     fleet = FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
-        clip_norm=args.clip_norm, server_lr=args.server_lr, server_momentum=args.server_momentum, server_optimizer=args.server_optimizer,
-        round_hours=args.round_hours,
+        clip_norm=args.clip_norm, server_lr=server_lr, server_momentum=args.server_momentum,
+        server_optimizer=args.server_optimizer, round_hours=args.round_hours,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
     model = model_config_from_args(args, vocab_size=args.vocab_size)
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
