@@ -35,13 +35,15 @@ MODELS_DIR = "models"
 
 @dataclasses.dataclass
 class ServerState:
-    """What the routes share: config, model store, metrics, the worker and a jitter source."""
+    """What the routes share: config, model store, metrics, the worker, a jitter source, and the
+    group commit that request threads write through (`db.GroupCommit`)."""
 
     config: AggregatorConfig
     store: ModelStore
     metrics: Metrics
     worker: Worker
     rng: random.Random
+    commits: db.GroupCommit
 
 
 def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Flask:
@@ -69,7 +71,7 @@ def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Fl
     metrics = Metrics(config.state_dir)
     worker = Worker(config, store)
     app.extensions["fedkb"] = ServerState(config=config, store=store, metrics=metrics, worker=worker,
-                                          rng=random.Random())
+                                          rng=random.Random(), commits=db.GroupCommit(config.state_dir))
 
     # Uploads are bounded per round in their route, before reading; this is the backstop for
     # every other body.

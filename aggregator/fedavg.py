@@ -21,6 +21,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from fedkb.clipping import global_norm, squared_norm
+
 Tensors = dict[str, np.ndarray]
 
 
@@ -50,13 +52,26 @@ def aggregate(results: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Tensor
 
 
 class WeightedSum:
-    """Running Σ nᵢ·Δᵢ (float64) and Σ nᵢ over updates with one fixed layout."""
+    """Running Σ nᵢ·Δᵢ (float64) and Σ nᵢ over updates with one fixed layout.
+
+    The arrays of `weighted_sum` are views into one flat float64 vector, in the order of `shapes`
+    (`layout` gives each name's offset and size), so an update stored as one float32 vector in
+    that order can be added with `add_flat`: two numpy calls whatever the number of tensors.
+    """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
-        self.weighted_sum: Tensors = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+        self.layout: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, shape in shapes.items():
+            size = int(np.prod(shape, dtype=np.int64))
+            self.layout[name] = (offset, size)
+            offset += size
+        self.flat = np.zeros(offset, np.float64)
+        self.weighted_sum: Tensors = {name: self.flat[o: o + n].reshape(shapes[name])
+                                      for name, (o, n) in self.layout.items()}
         self.total_examples = 0
         self.count = 0
-        self._scratch = np.empty(max((a.size for a in self.weighted_sum.values()), default=0), np.float64)
+        self._scratch = np.empty(offset, np.float64)
 
     @classmethod
     def restore(cls, weighted_sum: Mapping[str, np.ndarray], *, total_examples: int, count: int) -> "WeightedSum":
@@ -67,8 +82,12 @@ class WeightedSum:
         out.total_examples, out.count = int(total_examples), int(count)
         return out
 
-    def add(self, deltas: Mapping[str, np.ndarray], num_examples: int) -> None:
-        """Fold one update in place: Σ += n·Δ, in float64 so order barely matters.
+    def add(self, deltas: Mapping[str, np.ndarray], num_examples: int, *, scale: float = 1.0) -> None:
+        """Fold one update in place: Σ += n·s·Δ, in float64 so order barely matters.
+
+        Args:
+            scale: a factor applied to Δ on the way in (`ClippedSum` passes its clipping factor), in
+                the same float64 multiply as n, so clipping costs no extra pass or copy.
 
         Raises:
             ValueError: num_examples is not positive, or the weight names differ from the sum's.
@@ -77,11 +96,28 @@ class WeightedSum:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         if deltas.keys() != self.weighted_sum.keys():
             raise ValueError(f"update has weights {sorted(deltas)}, the sum has {sorted(self.weighted_sum)}")
+        factor = num_examples if scale == 1.0 else num_examples * float(scale)
         for name, acc in self.weighted_sum.items():
-            # n·Δ goes through a float64 scratch buffer: no per-update allocation, no float32 rounding.
+            # n·s·Δ goes through a float64 scratch buffer: no per-update allocation, no float32 rounding.
             scratch = self._scratch[: acc.size].reshape(acc.shape)
-            np.multiply(deltas[name], num_examples, out=scratch, dtype=np.float64)
+            np.multiply(deltas[name], factor, out=scratch, dtype=np.float64)
             acc += scratch
+        self.total_examples += int(num_examples)
+        self.count += 1
+
+    def add_flat(self, values: np.ndarray, num_examples: int, *, scale: float = 1.0) -> None:
+        """`add` for an update given as one 1-D vector laid out as `layout` (same result).
+
+        Raises:
+            ValueError: num_examples is not positive, or the vector's length is not the layout's.
+        """
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        if np.ndim(values) != 1 or np.size(values) != self.flat.size:
+            raise ValueError(f"a flat update needs {self.flat.size} values, got shape {np.shape(values)}")
+        factor = num_examples if scale == 1.0 else num_examples * float(scale)
+        np.multiply(values, factor, out=self._scratch, dtype=np.float64)
+        self.flat += self._scratch
         self.total_examples += int(num_examples)
         self.count += 1
 
@@ -96,31 +132,14 @@ class WeightedSum:
         return {name: (acc / self.total_examples).astype(np.float32) for name, acc in self.weighted_sum.items()}
 
 
-def global_norm(tensors: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all tensors taken together, accumulated in float64, without BLAS.
-
-    The same number as `fedkb.clipping.global_norm` (to float64 rounding), computed differently:
-    that one converts each tensor to a float64 copy and calls `np.dot`, which is OpenBLAS; after
-    every call OpenBLAS's worker threads spin-wait for more work, and in a server where 16 request
-    threads and the folder call it ~40 times a second those spinning threads took 13 ms of CPU per
-    accepted update (24.8 vs 11.5 ms/update with OPENBLAS_NUM_THREADS=1, bench_aggregator load).
-    `einsum` runs numpy's own float64 sum-of-products loop on the float32 data in place: no copy,
-    no BLAS, ~0.5 ms for 1M parameters.
-    """
-    total = 0.0
-    for t in tensors.values():
-        flat = np.ravel(t)  # a view of a contiguous array
-        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
-    return math.sqrt(total)
-
-
 class ClippedSum:
     """Wraps a sum so each update is first scaled to global L2 norm ≤ clip_norm.
 
     Same `add`/`mean` interface as the inner sum; `add` also returns the norm measured before
     clipping, which the server records. Clipping bounds one device's influence whatever it sends.
-    The scaling is `fedkb.clipping.clip_by_global_norm`'s (float32 Δ·(C/‖Δ‖)), done in a reused
-    buffer rather than a fresh copy of the update.
+    The factor min(1, C/‖Δ‖) of `fedkb.clipping.clip_by_global_norm` is applied inside the float64
+    multiply of the inner sum instead of to a float32 copy of Δ (the same value up to float32
+    rounding, which it avoids).
     """
 
     def __init__(self, inner: WeightedSum, clip_norm: float):
@@ -130,25 +149,28 @@ class ClippedSum:
         self.inner = inner
         self.clip_norm = float(clip_norm)
 
-    def add(self, deltas: Mapping[str, np.ndarray], num_examples: int) -> float:
-        norm = global_norm(deltas)
-        if norm > self.clip_norm:
-            deltas = self._scaled(deltas, self.clip_norm / norm)
-        self.inner.add(deltas, num_examples)
+    def add(self, deltas: Mapping[str, np.ndarray], num_examples: int, *, norm: float | None = None) -> float:
+        """Add min(1, C/‖Δ‖)·Δ with weight n; return ‖Δ‖.
+
+        Args:
+            norm: ‖Δ‖ if the caller measured it already on these very values; None: measure it.
+        """
+        if norm is None:
+            norm = global_norm(deltas)
+        self.inner.add(deltas, num_examples, scale=self.clip_norm / norm if norm > self.clip_norm else 1.0)
         return norm
 
-    def _scaled(self, deltas: Mapping[str, np.ndarray], scale: float) -> Tensors:
-        """Δ·scale in float32 (as `clip_by_global_norm` rounds it), written into one reused buffer."""
-        need = sum(np.size(t) for t in deltas.values())
-        if getattr(self, "_buffer", None) is None or self._buffer.size < need:
-            self._buffer = np.empty(need, np.float32)
-        out, offset = {}, 0
-        for name, t in deltas.items():
-            t = np.asarray(t)
-            view = self._buffer[offset: offset + t.size].reshape(t.shape)
-            np.multiply(t, scale, out=view, casting="same_kind")  # float32 x float32(scale), as t * scale
-            out[name], offset = view, offset + t.size
-        return out
+    def add_flat(self, values: np.ndarray, num_examples: int) -> float:
+        """`add` for an update given as one vector in the inner sum's `layout`; return ‖Δ‖.
+
+        Raises:
+            ValueError: a value is not finite (nothing is added), or as `WeightedSum.add_flat`.
+        """
+        norm = math.sqrt(squared_norm(values))
+        if not math.isfinite(norm):
+            raise ValueError("update has a value that is not finite")
+        self.inner.add_flat(values, num_examples, scale=self.clip_norm / norm if norm > self.clip_norm else 1.0)
+        return norm
 
     def mean(self) -> Tensors:
         return self.inner.mean()

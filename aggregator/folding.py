@@ -2,12 +2,14 @@
 
 Accepting an update (request path, any thread or gunicorn worker):
     1. validate it fully (`fedkb.wire.decode_update`, re-clip);
-    2. write the body as received to `<state>/inbox/<round>/<device>-<rand>.safetensors`, fsync
-       the file and the folder (`write_blob`);
+    2. write the body as received to `<state>/inbox/<round>/<device>-<rand>.safetensors` and
+       fsync it (`write_blob`);
     3. in one SQLite transaction (synchronous=FULL), re-check the round is open and insert the
-       `updates` row that names the blob; only then answer "accepted".
-   A crash before 3 commits leaves an orphan blob that no row names: it is never folded and is
-   deleted with its round's inbox.
+       `updates` row that names the blob; only then answer "accepted". Concurrent accepts share
+       that transaction (`db.GroupCommit`), which fsyncs the inbox folder once for all of their
+       blobs before it commits, so every committed row names a durable, complete blob.
+   A crash before 3 commits leaves an orphan blob (perhaps torn) that no row names: it is never
+   folded and is deleted with its round's inbox.
 
 Folding (the single `Folder` per state directory, holder of `<state>/folder.lock`):
     1. read rows with id > last_folded_id in id order, decode and re-clip each blob, add
@@ -22,10 +24,12 @@ Folding (the single `Folder` per state directory, holder of `<state>/folder.lock
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import secrets
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from safetensors.numpy import load as st_load
 
 from aggregator import db
 from aggregator.fedavg import ClippedSum, WeightedSum
-from fedkb.fsutil import atomic_write, fsync_dir
+from fedkb.fsutil import fsync_dir
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord
 from fedkb.wire import WeightSpec, decode_update
@@ -46,14 +50,41 @@ SUMS_DIR = "sums"
 LOCK_FILE = "folder.lock"
 
 
-def write_blob(state_dir: Path, round_id: int, device_id: str, body: bytes) -> Path:
-    """Write an accepted body durably under a unique name; return its path."""
+def write_blob(state_dir: Path, round_id: int, device_id: str, body: bytes | memoryview, *,
+               sync_dir: bool = True) -> Path:
+    """Write an accepted body durably under a new unique name; return its path.
+
+    The bytes are written straight from the request's buffer to their final name and fsynced;
+    there is no temporary name and rename, because nothing needs the name to appear atomically:
+    a blob is only ever read through the `updates` row that names it, and that row is committed
+    after this function (and the folder fsync) returned. A crash mid-write leaves a torn file that
+    no row names, which is never folded and goes with its round's inbox, like any orphan blob.
+
+    Args:
+        sync_dir: fsync the inbox folder too, so the new name itself is durable. The upload route
+            passes False and has `db.GroupCommit` fsync the folder once for every blob of a
+            commit batch, before that commit.
+    """
     folder = Path(state_dir) / INBOX_DIR / str(round_id)
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         fsync_dir(folder.parent)
-    # A unique suffix: two racing uploads of one device never overwrite each other's blob.
-    return atomic_write(folder / f"{device_id}-{secrets.token_hex(4)}.safetensors", body)
+    # A unique name (O_EXCL): two racing uploads of one device never write into the same file.
+    path = folder / f"{device_id}-{secrets.token_hex(8)}.safetensors"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    if sync_dir:
+        fsync_dir(folder)
+    return path
 
 
 class FolderLock:
@@ -96,7 +127,9 @@ class RoundSum:
                  last_folded_id: int = 0):
         self.round_id = round_id
         self.specs = specs
-        self.total = total or WeightedSum({s.name: s.shape for s in specs})
+        # Name order: the order safetensors stores float32 tensors in, so a blob's data is one
+        # vector in the sum's layout (`Folder._flat_float32`).
+        self.total = total or WeightedSum({s.name: s.shape for s in sorted(specs, key=lambda s: s.name)})
         self.clipped = ClippedSum(self.total, clip_norm)
         self.last_folded_id = last_folded_id
 
@@ -114,6 +147,7 @@ class Folder:
         self._pending_delete: list[Path] = []
         self._last_checkpoint = 0.0
         self.fold_seconds = 0.0  # time spent decoding and adding, for the round's aggregate_seconds
+        self._buffer = bytearray()  # one blob at a time is read into this (O(model), reused)
 
     def checkpoint_path(self, round_id: int) -> Path:
         return self.sums_dir / f"{round_id}.safetensors"
@@ -130,8 +164,8 @@ class Folder:
             from fedkb.wire import read_header
 
             _, meta, _ = read_header(raw)
-            total = WeightedSum.restore(st_load(raw), total_examples=int(meta["total_examples"]),
-                                        count=int(meta["count"]))
+            arrays = dict(sorted(st_load(raw).items()))  # name order, as `RoundSum` lays a new sum out
+            total = WeightedSum.restore(arrays, total_examples=int(meta["total_examples"]), count=int(meta["count"]))
             current = RoundSum(round_.id, specs, round_.clip_norm, total=total,
                                last_folded_id=int(meta["last_folded_id"]))
             self.fold_seconds = float(meta.get("fold_seconds", 0.0))
@@ -158,19 +192,30 @@ class Folder:
         """Fold every accepted, not yet folded update of the round; return how many were folded.
 
         Checkpoints at most every `checkpoint_interval` seconds (and always when forced or when
-        the round is no longer open), then deletes the blobs the checkpoint covers.
+        the round is no longer open), then deletes the blobs the checkpoint covers. The interval
+        is also kept while new updates keep arriving as fast as they are folded, so the blobs on
+        disk and the work a restart would redo stay bounded by one interval's worth.
         """
         current = self.load(round_, specs)
         folded = 0
         while True:
+            if self._pending_delete and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+                self.checkpoint(conn)
             rows = db.updates_after(conn, round_.id, current.last_folded_id, self.batch)
             if not rows:
                 break
             for row in rows:
                 start = time.perf_counter()
                 path = self.state_dir / row["blob"]
-                update = decode_update(path.read_bytes(), specs, max_examples=None)
-                current.clipped.add(update.deltas, row["num_examples"])
+                raw = self._read_blob(path)
+                values = self._flat_float32(raw, specs, current.total.layout)
+                try:
+                    if values is None:
+                        raise ValueError("not the float32 layout of the sum")
+                    current.clipped.add_flat(values, row["num_examples"])
+                except ValueError:  # decode_update decodes any other encoding, or says what is wrong
+                    update = decode_update(bytes(raw), specs, max_examples=None)
+                    current.clipped.add(update.deltas, row["num_examples"])
                 current.last_folded_id = int(row["id"])
                 self._pending_delete.append(path)
                 self.fold_seconds += time.perf_counter() - start
@@ -178,6 +223,58 @@ class Folder:
         if self._pending_delete and (force_checkpoint or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval):
             self.checkpoint(conn)
         return folded
+
+    def _read_blob(self, path: Path) -> memoryview:
+        """The blob's bytes, read into a buffer reused from blob to blob (valid until the next call)."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if len(self._buffer) < size:
+                self._buffer = bytearray(size)
+            view = memoryview(self._buffer)[:size]
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        return view[:got]
+
+    @staticmethod
+    def _flat_float32(raw: memoryview, specs: list[WeightSpec],
+                      layout: dict[str, tuple[int, int]]) -> np.ndarray | None:
+        """All of a blob's values as one float32 view in the sum's `layout`, or None if not laid out so.
+
+        The blob passed `fedkb.wire.decode_update` (names, shapes, dtypes, finite values, example
+        count) before it was accepted, and it is immutable since. A float32 update written by
+        safetensors stores its tensors back to back in name order, which is the order of the
+        sum's layout (`RoundSum`), so its data is one vector the sum adds in two numpy calls, with
+        no copy and no allocation (the request path already paid for both). The finiteness check
+        comes back with the clipping norm (`ClippedSum.add_flat`). Any other encoding or layout
+        (None) goes through `decode_update` again.
+        """
+        try:
+            if len(raw) < 8:
+                return None
+            (n,) = struct.unpack_from("<Q", raw)
+            if 8 + n > len(raw):
+                return None
+            header = json.loads(bytes(raw[8: 8 + n]))
+            meta = header.pop("__metadata__", None) or {}
+            if meta.get("encoding") != "float32" or set(header) != set(layout) or len(specs) != len(layout):
+                return None
+            total = 0
+            for spec in specs:
+                info, (offset, size) = header[spec.name], layout[spec.name]
+                if (info["dtype"] != "F32" or tuple(info["shape"]) != spec.shape or size != spec.size
+                        or list(info["data_offsets"]) != [4 * offset, 4 * (offset + size)]):
+                    return None
+                total += size
+            base = 8 + n
+            if base + 4 * total > len(raw):
+                return None
+            return np.frombuffer(raw, np.float32, count=total, offset=base)
+        except (ValueError, TypeError, KeyError, AttributeError, struct.error):
+            return None
 
     def checkpoint(self, conn) -> None:
         """Write the sum atomically, record progress in SQLite, then delete the folded blobs."""

@@ -7,7 +7,14 @@ Prints, per configuration:
     - the server's peak RSS with 10 and with 1,000 updates per round (must not grow with the count);
     - the ratio of the time per accepted update to a bare numpy add of the same update (the floor
       of any streaming sum) and to an fsync'd write of its bytes (the floor of a durable accept);
-    - the time from a round's last accepted update to its new version being downloadable.
+    - the time from a round's last accepted update to its new version being downloadable;
+    - where the CPU went while the clients ran: the server's and the load generator's CPU time per
+      accepted update (the load generator shares the machine with the server, so it is part of
+      what is measured), the rate at which the two would keep every core busy, and how many cores
+      other processes (including kernel threads) took meanwhile: on a shared machine, read the
+      rate next to that figure;
+    - where a client's time went per upload: check-in, retry-after waits, building the body, the
+      upload itself.
 
 Usage:
     python bench/bench_aggregator.py                 # both round sizes, 1 process and 2 gunicorn workers
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import queue
+import resource
 import signal
 import socket
 import statistics
@@ -128,8 +136,37 @@ class Server:
         self.log.close()
 
 
-def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int) -> dict:
-    """`updates` devices, `clients` concurrent: check in until a task, then upload once."""
+def _process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the live processes among `pids`."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes on the machine have used since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int, server_pids=lambda: []) -> dict:
+    """`updates` devices, `clients` concurrent: check in until a task, then upload once.
+
+    Besides throughput and latency, measures over the upload phase only (enrollment excluded):
+    CPU seconds of this process (the load generator), of the server's processes, and of the
+    whole machine, and per-phase wall time of the clients.
+    """
     session = requests.Session()
     devices = []
     for _ in range(updates):
@@ -142,6 +179,7 @@ def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int) -> d
     latencies, accepted, refused, close_marks = [], [0], {}, []
     lock = threading.Lock()
     state = {"bytes": 0}
+    phases = {"checkin": 0.0, "retry_wait": 0.0, "build_body": 0.0, "upload": 0.0}
 
     def client():
         http = requests.Session()
@@ -151,18 +189,26 @@ def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int) -> d
             except queue.Empty:
                 return
             headers = {"Authorization": f"Bearer {device['token']}"}
+            checkin = wait = 0.0
             while True:
+                t0 = time.perf_counter()
                 answer = http.post(f"{url}/v1/checkin", headers=headers,
                                    json={"state": {"idle": True, "charging": True, "unmetered": True, "battery": 80}}).json()
+                checkin += time.perf_counter() - t0
                 if answer["action"] == "train":
                     break
                 time.sleep(answer["retry_after"])
+                wait += answer["retry_after"]
+            t0 = time.perf_counter()
             body = factory.body(answer["task"], device["device_id"])
             start = time.perf_counter()
             r = http.post(f"{url}/v1/rounds/{answer['task']['round_id']}/updates", data=body,
                           headers={**headers, "Content-Type": "application/octet-stream"})
             elapsed = time.perf_counter() - start
             with lock:
+                for key, seconds in (("checkin", checkin), ("retry_wait", wait), ("build_body", start - t0),
+                                     ("upload", elapsed)):
+                    phases[key] += seconds
                 if r.status_code == 200:
                     latencies.append(elapsed)
                     accepted[0] += 1
@@ -173,6 +219,7 @@ def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int) -> d
                     refused[code] = refused.get(code, 0) + 1
                     work.put(device)  # round closed under it: check in again
 
+    cpu0 = (_self_cpu(), _process_cpu(server_pids()), _machine_busy())
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -180,9 +227,13 @@ def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int) -> d
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu1 = (_self_cpu(), _process_cpu(server_pids()), _machine_busy())
+    client_cpu, server_cpu, machine_cpu = (b - a for a, b in zip(cpu0, cpu1))
     last_accept = max(close_marks)
     return {"wall": wall, "latencies": latencies, "accepted": accepted[0], "refused": refused,
-            "last_accept": last_accept, "bytes": state["bytes"]}
+            "last_accept": last_accept, "bytes": state["bytes"], "client_cpu_s": client_cpu,
+            "server_cpu_s": server_cpu, "other_cpu_s": max(0.0, machine_cpu - client_cpu - server_cpu),
+            "phases_s": phases}
 
 
 def _time_to_download(url: str, version: int, since: float) -> float:
@@ -222,7 +273,7 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
     server = Server(state, model, goal=goal, workers=workers, log=tmp / f"serve-{goal}-{workers}.log")
     try:
         rss_idle = server.peak_rss_mb()
-        result = _drive(server.url, factory, updates=updates, clients=clients)
+        result = _drive(server.url, factory, updates=updates, clients=clients, server_pids=server.pids)
         versions = 1 + updates // goal
         download = _time_to_download(server.url, versions, result["last_accept"])
         status = requests.get(f"{server.url}/v1/status").json()
@@ -232,6 +283,7 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
     lat = sorted(result["latencies"])
     per_update = result["wall"] / result["accepted"]
     publish = [r["publish_seconds"] for r in status["rounds"] if r["publish_seconds"] is not None]
+    n = result["accepted"]
     return {
         "goal_clients": goal, "workers": workers, "clients": clients, "accepted": result["accepted"],
         "refused": result["refused"], "updates_per_s": result["accepted"] / result["wall"],
@@ -242,6 +294,10 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
         "last_accept_to_downloadable_s": download,
         "publish_s_median": statistics.median(publish) if publish else None,
         "versions_published": status["model_version"] - 1,
+        "server_cpu_ms_per_update": 1000 * result["server_cpu_s"] / n,
+        "client_cpu_ms_per_update": 1000 * result["client_cpu_s"] / n,
+        "other_processes_cores": result["other_cpu_s"] / result["wall"],
+        "client_ms_per_update": {k: 1000 * v / n for k, v in result["phases_s"].items()},
     }
 
 
@@ -272,6 +328,12 @@ def main(argv=None) -> int:
                   f"{r['x_numpy_add']:.0f}x numpy add, {r['x_fsync_write']:.2f}x fsync'd write; "
                   f"last accept -> v{r['versions_published'] + 1} downloadable {r['last_accept_to_downloadable_s']:.3f} s "
                   f"(publish {r['publish_s_median']:.3f} s); refused {r['refused'] or 'none'}")
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in r["client_ms_per_update"].items())
+            cpu_ms = r["server_cpu_ms_per_update"] + r["client_cpu_ms_per_update"]
+            print(f"    CPU per accepted update: server {r['server_cpu_ms_per_update']:.1f} ms + load generator "
+                  f"{r['client_cpu_ms_per_update']:.1f} ms (all {os.cpu_count()} cores busy at "
+                  f"{1000 * os.cpu_count() / cpu_ms:.0f} updates/s); other processes took "
+                  f"{r['other_processes_cores']:.2f} cores meanwhile; a client's ms per accepted upload: {phases}")
         if args.json:
             args.json.write_text(json.dumps({"floors": floors, "results": results}, indent=2))
     return 0

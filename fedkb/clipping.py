@@ -14,13 +14,21 @@ import numpy as np
 Tensors = dict[str, np.ndarray]
 
 
+def squared_norm(t: np.ndarray) -> float:
+    """Σ t², accumulated in float64 by numpy's own loop on the float32 data in place.
+
+    Not `np.dot` on a float64 copy: that is OpenBLAS, whose worker threads spin-wait after every
+    call; in the server (16 request threads and the folder calling this ~40 times a second) that
+    spinning cost 13 ms of CPU per accepted update. `einsum` needs no copy and no BLAS: ~0.5 ms
+    for 1M parameters.
+    """
+    flat = np.ravel(t)  # a view of a contiguous array
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
 def global_norm(tensors: Tensors) -> float:
     """L2 norm of all tensors taken together, accumulated in float64."""
-    total = 0.0
-    for t in tensors.values():
-        flat = t.ravel().astype(np.float64)  # converted once: the norm of a 1M-weight update costs ~0.6 ms
-        total += float(np.dot(flat, flat))
-    return math.sqrt(total)
+    return math.sqrt(sum(squared_norm(t) for t in tensors.values()))
 
 
 def clip_by_global_norm(tensors: Tensors, clip_norm: float) -> tuple[Tensors, float]:

@@ -73,6 +73,7 @@ class ServerThread:
         self.server.shutdown()
         self.server.server_close()
         self.state.worker.stop()
+        self.state.commits.close()
 
 
 class Device:

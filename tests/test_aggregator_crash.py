@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 from safetensors.numpy import load_file
 
 from aggregator import db
@@ -20,8 +23,8 @@ from aggregator.fedavg import ClippedSum, WeightedSum
 from aggregator.folding import Folder, write_blob
 from aggregator.rounds import OPEN, round_settings
 from aggregator.config import load_config
-from fedkb.wire import UpdateMetadata, WeightSpec, encode_update
-from tests.fixtures_aggregator import (TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
+from fedkb.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
+from tests.fixtures_aggregator import (ADMIN, TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
                                        status, wait_for)
 
 
@@ -117,6 +120,68 @@ def test_kill9_mid_round_then_restart_counts_each_accepted_update_once(tmp_path)
     assert not any((state / "inbox").rglob("*.safetensors")) and not any((state / "sums").glob("*"))
 
 
+def test_kill9_during_concurrent_uploads_keeps_every_answered_update_exactly_once(tmp_path):
+    """Concurrent accepts share commits (`db.GroupCommit`); a kill -9 amid them loses no answered one."""
+    model = make_weights_model(tmp_path / "model", seed=7)
+    state = tmp_path / "state"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"worker_interval": 0.02, "checkpoint_interval": 0.0}))
+    args = ("--config", str(settings), "--goal-clients", "60", "--min-clients", "2", "--round-timeout", "120",
+            "--clip-norm", "1.0")
+    server = ServeProcess(state, model, *args, log=tmp_path / "serve1.log")
+    answered, lock, killed = set(), threading.Lock(), threading.Event()
+    try:
+        devices = [Device(server.url) for _ in range(40)]
+        for d in devices:
+            assert d.enroll().status_code == 201
+        tasks = {d.device_id: d.task() for d in devices}
+        updates = {d.device_id: (random_deltas(TINY_SHAPES, 300 + i, scale=0.4), 3 + i) for i, d in enumerate(devices)}
+        bodies = {d.device_id: d.body(tasks[d.device_id], *updates[d.device_id]) for d in devices}
+
+        def upload(d):
+            try:
+                r = d.upload(1, bodies[d.device_id])  # each device has its own HTTP session
+            except requests.ConnectionError:
+                return  # cut off by the kill: no answer, so the device will retry
+            if r.status_code == 200:
+                with lock:
+                    answered.add(d.device_id)
+                    if len(answered) >= 12:
+                        killed.set()
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(upload, d) for d in devices]
+            killed.wait(30)
+            server.kill9()
+            for f in futures:
+                f.result()
+    finally:
+        server.stop()
+    assert len(answered) >= 12
+
+    server = ServeProcess(state, None, *args, log=tmp_path / "serve2.log", port=server.port)
+    try:
+        conn = db.connect(state)
+        committed = {r["device_id"] for r in conn.execute("SELECT device_id FROM updates WHERE round_id = 1")}
+        conn.close()
+        assert answered <= committed  # every answered update survived the kill
+        assert status(server.url)["round"]["accepted"] == len(committed)
+        for d in devices:  # the retries: a committed update is a duplicate, the others are accepted now
+            r = d.upload(1, bodies[d.device_id])
+            assert r.status_code == 200 and r.json()["duplicate"] == (d.device_id in committed), r.text
+        assert requests.post(f"{server.url}/v1/admin/rounds/current/end",
+                             headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and s, what="version 2")
+        assert s["versions"][0]["num_clients"] == len(devices)
+    finally:
+        server.stop()
+    w1 = load_file(model / "weights.safetensors")
+    w2 = load_file(state / "models" / "2" / "weights.safetensors")
+    mean = _reference(list(updates.values()), 1.0)  # each device's update exactly once
+    for k in TINY_SHAPES:
+        np.testing.assert_allclose(w2[k], w1[k] + mean[k], rtol=1e-5, atol=1e-6)
+
+
 # The crash windows one by one, on the folder itself.
 
 SPECS = [WeightSpec(k, s) for k, s in TINY_SHAPES.items()]
@@ -195,3 +260,50 @@ def test_crash_after_checkpoint_before_blob_deletion_does_not_double_count(round
     _assert_sum(restarted, round_, updates)
     assert not any((state / "inbox").rglob("*.safetensors"))  # the leftovers were cleaned, not folded
     assert round_.state == OPEN
+
+
+def _write_accepted(state, conn, round_, device_id, body, n):
+    blob = write_blob(state, round_.id, device_id, body)
+    with db.transaction(conn):
+        db.add_update(conn, round_id=round_.id, device_id=device_id, num_examples=n, update_norm=1.0, device_norm=0.0,
+                      body_sha256=device_id, size=len(body), blob=str(blob.relative_to(state)))
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+def test_folder_decodes_other_encodings_like_the_device_path(round_db, encoding):
+    """Float32 blobs are added as one vector; other encodings go through decode_update: same sum."""
+    state, conn, round_ = round_db
+    reference = []
+    for i in range(3):
+        deltas, n = random_deltas(TINY_SHAPES, 70 + i, scale=0.5), 4 + i
+        meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id=f"e{i}", num_examples=n, clip_norm=0.8,
+                              update_norm=0.0, encoding=encoding if i else "float32")
+        body = encode_update(deltas, meta)
+        _write_accepted(state, conn, round_, f"e{i}", body, n)
+        reference.append((decode_update(body, SPECS).deltas, n))
+    folder = Folder(state, checkpoint_interval=0.0)
+    folder.fold_pending(conn, round_, SPECS)
+    _assert_sum(folder, round_, reference)
+
+
+def test_folder_refuses_a_blob_that_is_no_longer_finite(round_db):
+    """A blob is validated before it is accepted; if it were changed on disk, NaN never enters the sum."""
+    state, conn, round_ = round_db
+    deltas = random_deltas(TINY_SHAPES, 90)
+    deltas["dense/bias"][3] = np.nan
+    meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id="nan", num_examples=5, clip_norm=0.8,
+                          update_norm=0.0)
+    _write_accepted(state, conn, round_, "nan", encode_update(deltas, meta), 5)
+    folder = Folder(state, checkpoint_interval=0.0)
+    with pytest.raises(UpdateRejected) as err:
+        folder.fold_pending(conn, round_, SPECS)
+    assert err.value.code == "non_finite"
+    assert folder.current(round_.id).total.count == 0 and np.all(folder.current(round_.id).total.flat == 0)
+
+
+def test_write_blob_leaves_one_complete_file_and_nothing_else(tmp_path):
+    body = bytes(range(256)) * 1000
+    path = write_blob(tmp_path, 3, "dev", body)
+    assert path.read_bytes() == body and list(path.parent.iterdir()) == [path]
+    other = write_blob(tmp_path, 3, "dev", body, sync_dir=False)  # same device: a second, distinct name
+    assert other != path and sorted(path.parent.iterdir()) == sorted([path, other])
