@@ -46,7 +46,7 @@ from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import EligibilityPolicy
 from edge_runtime.litert_model import TrainableModel
 from edge_runtime.model_store import ModelRejected, ModelStore
-from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
+from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobKey, JobOutcome, Scheduler
 from edge_runtime.store import ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob
@@ -226,14 +226,16 @@ class Device:
     def _train_and_upload(self, task: RoundTask, model_dir: Path) -> CycleReport:
         model = TrainableModel(model_dir, num_threads=self.config.num_threads)
         up_to = self.examples.last_id()
-        windows = self.examples.token_windows(load_tokenizer(model_dir / TOKENIZER_FILE), model.seq_len,
-                                              up_to_id=up_to)
         where = dict(round_id=task.round_id, model_version=task.model_version)
         pending = self.scheduler.pending()
-        if pending is not None and pending.key.round_id == task.round_id:
-            windows = None  # resuming: the checkpoint carries the job's windows
-        elif len(windows) == 0:
-            return CycleReport("no_data", **where)
+        key = JobKey(round_id=task.round_id, model_version=task.model_version, deadline=task.deadline)
+        if pending is not None and pending.key == key:
+            windows = None  # resuming: the checkpoint carries the job's windows (the scheduler matches the key)
+        else:
+            windows = self.examples.token_windows(load_tokenizer(model_dir / TOKENIZER_FILE), model.seq_len,
+                                                  up_to_id=up_to)
+            if len(windows) == 0:
+                return CycleReport("no_data", **where)
         job = TrainingJob(model, model.get_weights(), windows, task, seed=self._seed(task.round_id), up_to_id=up_to)
         outcome: JobOutcome = self.scheduler.run(job)
         if outcome.status != COMPLETED:

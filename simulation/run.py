@@ -72,11 +72,13 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
         if not (model_dir / "manifest.json").exists():
             log.info("exporting the initial model (%d parameters)", model.num_parameters)
             export_model(tokenizer_path=data.tokenizer_path, out_dir=model_dir, config=model)
-        state = out / "server"
-        if state.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(state)  # a simulation starts from a fresh server
+        # A simulation starts from a fresh server, and from devices without model versions: the
+        # new server numbers its versions from 1 again, so a cached "version 2" would be stale.
+        for stale in (out / "server", out / "device_cache"):
+            if stale.exists():
+                shutil.rmtree(stale)
         records = run_fleet(data=data, model_dir=model_dir, out=out, config=fleet, progress=progress)
     elif backend == "tff":
         from simulation.tff_backend import run_tff

@@ -9,6 +9,8 @@ state script can be set (the CLI reads the host or a fixed `--state`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -305,6 +307,23 @@ def test_a_resumed_job_marks_only_the_messages_it_trained_on(serve, text_file, t
         device.state = device.scheduler.state = ScriptedDeviceState(state())
         assert device.run_once().action == "accepted"
         assert device.examples.new_examples() == len(typed_meanwhile)  # still waiting for the next job
+    finally:
+        device.close()
+
+
+def test_a_checkpoint_for_another_task_of_the_same_round_is_not_resumed(serve, text_file, tmp_path):
+    server = serve()
+    interrupted = ScriptedDeviceState.sequence([state()] * (3 + 2) + [state(charging=False)])
+    device = _device(server.url, tmp_path / "phone", interrupted)
+    try:
+        device.import_text(text_file)
+        assert device.run_once().action == "interrupted"
+        # Same round, other deadline (say, the server re-issued the task): the job starts afresh.
+        store = device.scheduler.checkpoints
+        old = store.load()
+        store.save(dataclasses.replace(old, key=dataclasses.replace(old.key, deadline=old.key.deadline + 1.0)))
+        device.state = device.scheduler.state = ScriptedDeviceState(state())
+        assert device.run_once().action == "accepted"
     finally:
         device.close()
 

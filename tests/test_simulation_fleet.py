@@ -156,3 +156,19 @@ def test_tff_backend_writes_the_same_report_shape_and_leaves_no_worker(simulated
     assert set(report["rounds"][1]["eval"]) == set(json.loads((out / "report.json").read_text())["rounds"][1]["eval"])
     after = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "worker_binary"}
     assert after <= before, "a TFF worker_binary outlived `fedkb simulate --backend tff`"
+
+
+def test_a_rerun_into_the_same_folder_uses_no_stale_model_versions(corpus, tmp_path):
+    # The new server numbers versions from 1 again: a device's cached "version 3" from the first
+    # run must not be trained on in the second.
+    out = tmp_path / "run"
+    args = ["simulate", "--dataset", f"jsonl:{corpus}", "--out", str(out), "--clients", "8", "--clients-per-round",
+            "3", "--rounds", "3", "--workers", "1", "--round-hours", "0.5", *TINY_FLAGS]
+    for lr in ("1.0", "0.3"):  # different training, so the versions differ between the runs
+        result = _simulate([*args, "--device-lr", lr], tmp_path)
+        assert result.returncode == 0, result.stderr
+    cached = sorted((out / "device_cache").glob("worker-*/v*/manifest.json"))
+    assert cached, "the devices cached no model version"
+    for manifest in cached:
+        served = out / "server" / "models" / manifest.parent.name[1:] / "manifest.json"
+        assert json.loads(manifest.read_text())["files"] == json.loads(served.read_text())["files"], manifest
