@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from datasets.sources import load_dataset
 from datasets.splits import SplitConfig, split_corpus
 from datasets.tokenizer import encode_utterances, tokenizer_from_bytes, train_tokenizer
 from fedkb.errors import FedkbError
+from fedkb.fsutil import ensure_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,6 @@ def _quantiles(values: list[int]) -> dict[str, float]:
     return {k: float(np.percentile(values, q)) for k, q in qs.items()}
 
 
-def _writable_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FedkbError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise FedkbError(f"{out}: the output folder is not writable")
-
-
 def prepare_dataset(config: PrepareConfig, out: Path, *, progress: bool | None = None) -> dict:
     """Write a prepared folder to `out` and return its stats.
 
@@ -53,7 +44,7 @@ def prepare_dataset(config: PrepareConfig, out: Path, *, progress: bool | None =
         FedkbError: bad dataset spec or input, too few clients, unwritable output.
     """
     out = Path(out)
-    _writable_folder(out)
+    ensure_writable_folder(out)
     started = time.monotonic()
     log.info("loading dataset %s", config.dataset)
     corpus = load_dataset(config.dataset)

@@ -8,7 +8,6 @@ without pickle, and one client's stream is a slice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkb.errors import FedkbError
+from fedkb.fsutil import sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test", "heldout")
@@ -38,14 +38,6 @@ class PreparedData:
     @property
     def training_clients(self) -> list[str]:
         return list(self.train)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_split(path: Path, streams: dict[str, np.ndarray]) -> None:

@@ -46,10 +46,10 @@ from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import EligibilityPolicy
 from edge_runtime.litert_model import TrainableModel
 from edge_runtime.model_store import ModelRejected, ModelStore
-from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobKey, JobOutcome, Scheduler
+from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
 from edge_runtime.store import ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
-from edge_runtime.trainer import TrainingJob
+from edge_runtime.trainer import TrainingJob, job_key
 from fedkb.errors import FedkbError
 from fedkb.manifest import TOKENIZER_FILE, Manifest
 from fedkb.protocol import RoundTask
@@ -228,8 +228,7 @@ class Device:
         up_to = self.examples.last_id()
         where = dict(round_id=task.round_id, model_version=task.model_version)
         pending = self.scheduler.pending()
-        key = JobKey(round_id=task.round_id, model_version=task.model_version, deadline=task.deadline)
-        if pending is not None and pending.key == key:
+        if pending is not None and pending.key == job_key(task):
             windows = None  # resuming: the checkpoint carries the job's windows (the scheduler matches the key)
         else:
             windows = self.examples.token_windows(load_tokenizer(model_dir / TOKENIZER_FILE), model.seq_len,

@@ -42,6 +42,11 @@ class LocalUpdate:
     steps: int
 
 
+def job_key(task: RoundTask) -> JobKey:
+    """What identifies a task's job across restarts: a checkpoint resumes only under the same key."""
+    return JobKey(round_id=task.round_id, model_version=task.model_version, deadline=task.deadline)
+
+
 def select_windows(windows: Windows, max_examples: int, *, seed: int) -> Windows:
     """At most `max_examples` windows: all of them, or a seeded sample kept in order."""
     if max_examples < 1:
@@ -87,7 +92,7 @@ class TrainingJob:
         self.windows, self._batches = None, []
         if windows is not None:
             self._set_windows(select_windows(windows, task.max_examples, seed=seed))
-        self.key = JobKey(round_id=task.round_id, model_version=task.model_version, deadline=task.deadline)
+        self.key = job_key(task)
         model.set_weights(self.global_weights)
 
     def _set_windows(self, windows: Windows) -> None:

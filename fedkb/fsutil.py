@@ -1,14 +1,36 @@
-"""Durable file writes: write to a temporary name, fsync, rename, fsync the folder.
+"""File helpers every part shares: durable writes, digests, output folders.
 
 After `atomic_write` returns, a crash (even `kill -9` or power loss on a journaling file system)
-leaves either the old file or the complete new one, never a torn one.
+leaves either the old file or the complete new one, never a torn one. `sha256_file` is the one
+digest behind both stats.json's and the manifest's `tokenizer_sha256`, which are compared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
+
+from fedkb.errors import FedkbError
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_writable_folder(out: Path) -> None:
+    """Create `out` if needed, or fail with one clear line before any long work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedkbError(f"{out}: cannot create the output folder ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise FedkbError(f"{out}: the output folder is not writable")
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from fedkb.errors import FedkbError
+from fedkb.fsutil import sha256_file
 from fedkb.wire import WeightSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -93,14 +94,6 @@ class Manifest:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_manifest(model_dir: Path | str) -> Manifest:

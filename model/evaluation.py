@@ -14,7 +14,7 @@ from datasets.tokenizer import EOS_ID
 from datasets.windows import concat_windows, make_windows
 from fedkb.next_words import top_words
 from model import numpy_lm
-from model.metrics import EvalResult, count_words, perplexity, recall_at
+from model.metrics import EvalResult, count_words, perplexity, recall_at, token_nll
 from model.weights import Weights
 
 
@@ -62,10 +62,7 @@ def evaluate_weights(weights: Weights, streams: dict[str, np.ndarray], word_star
     for start in range(0, len(windows), config.batch):
         part = windows.take(slice(start, start + config.batch))
         logits, hs, cs = numpy_lm.forward(weights, part.x)
-        peak = logits.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
-        nll = lse - np.take_along_axis(logits, part.y[..., None], axis=-1)[..., 0]
-        total_nll += float(np.sum(nll * part.mask))
+        total_nll += float(np.sum(token_nll(logits, part.y) * part.mask))
         tokens += int(part.mask.sum())
         words += count_words(part.y, part.mask, word_start)
         # Candidate boundaries: the target starts a real word (not EOS) and the word ends in the window.

@@ -29,6 +29,13 @@ class EvalResult:
     recall_samples: int = 0
 
 
+def token_nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """−log softmax(logits)[y] per position ([..., V] logits, [...] targets), stable in float32."""
+    peak = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    return lse - np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+
+
 def count_words(y: np.ndarray, mask: np.ndarray, word_start: np.ndarray) -> int:
     """Words among the predicted targets: word-initial pieces (and EOS) under the mask."""
     return int(np.sum(word_start[y] & (mask > 0)))

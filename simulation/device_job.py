@@ -75,8 +75,7 @@ _loaded: dict[int, tuple[TrainableModel, Weights]] = {}  # per worker process: t
 
 def client_windows(tokens: np.ndarray, *, seq_len: int, max_examples: int, seed: int) -> Windows:
     """The windows a device trains on in one round (the TFF reference uses the same)."""
-    windows = make_windows(tokens, seq_len)
-    return select_windows(windows, max_examples, seed=seed) if len(windows) else windows
+    return select_windows(make_windows(tokens, seq_len), max_examples, seed=seed)
 
 
 def _model(store: ModelStore, client: ServerClient, version: int, num_threads: int) -> tuple[TrainableModel, Weights]:

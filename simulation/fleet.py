@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from datasets.prepared import PreparedData
 from datasets.tokenizer import load_tokenizer, word_start_table
+from edge_runtime.client import ServerClient
 from edge_runtime.eligibility import EligibilityPolicy, can_continue
 from fedkb.errors import FedkbError
-from fedkb.protocol import CheckinResponse
 from model.evaluation import EvalConfig, evaluate_weights
 from model.weights import load_weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
@@ -141,38 +141,22 @@ class ServerProcess:
 class _Device:
     index: int
     client_id: str
-    device_id: str
-    token: str
+    client: ServerClient  # the edge runtime's client, with this device's credentials
+
+    @property
+    def device_id(self) -> str:
+        return self.client.credentials.device_id
 
 
-def _enroll(server: ServerProcess, client_ids: list[str]) -> list[_Device]:
+def _enroll(server: ServerProcess, client_ids: list[str], session: requests.Session) -> list[_Device]:
+    """Enroll one device per client through the edge runtime's client (one shared HTTP session:
+    a keep-alive connection per device would hold a server thread each)."""
     devices = []
-    with requests.Session() as session:
-        for i, cid in enumerate(client_ids):
-            r = session.post(f"{server.url}/v1/devices", json={"enrollment_secret": server.secret, "platform": "sim"},
-                             timeout=10)
-            if r.status_code != 201:
-                raise FedkbError(f"enrollment failed: {r.status_code} {r.text[:200]}")
-            body = r.json()
-            devices.append(_Device(i, cid, body["device_id"], body["token"]))
+    for i, cid in enumerate(client_ids):
+        client = ServerClient(server.url, session=session)
+        client.enroll(server.secret, platform="sim")
+        devices.append(_Device(i, cid, client))
     return devices
-
-
-def _checkin(session, url: str, device: _Device, state) -> CheckinResponse:
-    r = session.post(f"{url}/v1/checkin", headers={"Authorization": f"Bearer {device.token}"},
-                     json={"model_version": None, "state": dataclasses.asdict(state)}, timeout=10)
-    r.raise_for_status()
-    return CheckinResponse.from_json(r.json())
-
-
-def _wait_for_version(server: ServerProcess, version: int, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = server.status()
-        if status["model_version"] >= version:
-            return status
-        time.sleep(0.1)
-    raise FedkbError(f"the aggregator did not publish version {version} within {timeout:.0f} s")
 
 
 def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetConfig,
@@ -197,13 +181,13 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
     executor = ProcessExecutor(config.workers) if config.workers > 1 else InlineExecutor()
     records = []
     try:
-        devices = _enroll(server, client_ids)
+        session = requests.Session()
+        devices = _enroll(server, client_ids, session)
         version = server.status()["model_version"]
         sim_time = config.start_hour_utc * HOUR
         records.append(evaluate(load_weights(out / "server" / "models" / str(version) / "weights.safetensors"),
                                 version, 0, Participation(), sim_time))
         bar = tqdm(total=config.rounds, desc="rounds", unit="round", disable=None if progress is None else not progress)
-        session = requests.Session()
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
             states = {d.device_id: patterns[d.index].state_at(sim_time, config.availability) for d in devices}
@@ -211,14 +195,14 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
             order = rng.permutation(len(eligible))
             selected = []
             for i in order:
-                response = _checkin(session, server.url, eligible[i], states[eligible[i].device_id])
+                response = eligible[i].client.checkin(states[eligible[i].device_id], None)
                 if response.action == "train":
                     selected.append((eligible[i], response.task))
                 elif response.reason == "round_full":
                     break
             # Each selected phone runs its job under the edge runtime's scheduler on the simulated
             # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out.
-            jobs = [DeviceJob(server.url, d.device_id, d.token, dataclasses.asdict(t), data.train[d.client_id],
+            jobs = [DeviceJob(server.url, d.device_id, d.client.credentials.token, dataclasses.asdict(t), data.train[d.client_id],
                               str(out / "device_cache"), seed=config.seed * 100_003 + round_number * 1009 + d.index,
                               pattern=patterns[d.index], availability=config.availability, sim_start=sim_time,
                               job_seconds=config.job_minutes * 60, policy=POLICY)

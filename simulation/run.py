@@ -5,26 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from datasets.prepared import load_prepared
 from fedkb.errors import FedkbError
+from fedkb.fsutil import ensure_writable_folder
 from model.config import ModelConfig
 from simulation.fleet import FleetConfig
 from simulation.report import plot_report, report_dict, write_report
 
 log = logging.getLogger(__name__)
-
-
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FedkbError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise FedkbError(f"{out}: the output folder is not writable")
 
 
 def ensure_data(dataset: str, data_dir: Path | None, out: Path, vocab_size: int):
@@ -50,7 +41,7 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
              vocab_size: int = 8000, progress: bool | None = None) -> dict:
     """Run one simulation and write its report; return the report dict."""
     out = Path(out)
-    _writable(out)
+    ensure_writable_folder(out)
     started = time.monotonic()
     data = ensure_data(dataset, data_dir, out, vocab_size)
     fleet.validate(len(data.train))

@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ EDGE_TINY = dict(embed_dim=8, lstm_units=16, batch_size=4, seq_len=6)
 _BUILT: dict[str, Path] = {}
 
 __all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultProxy", "state", "ALL_MET",
-           "SAMPLE_LINES", "bump_version", "proxy"]
+           "SAMPLE_LINES", "bump_version", "proxy", "Typist"]
 
 
 def state(**changes):
@@ -40,6 +41,21 @@ def state(**changes):
 
 
 ALL_MET = dict(idle=True, charging=True, unmetered=True, battery=90.0)
+
+
+def enrolled_with_task(url: str, secret: str):
+    """Enroll a device through the edge runtime's client and check in for a task: (credentials, task JSON)."""
+    from edge_runtime.client import ServerClient
+    from fedkb.protocol import to_json
+
+    client = ServerClient(url)
+    try:
+        credentials = client.enroll(secret)
+        answer = client.checkin(state(), None)
+    finally:
+        client.close()
+    assert answer.action == "train", answer
+    return credentials, to_json(answer.task)
 
 
 @pytest.fixture(scope="session")
@@ -217,3 +233,44 @@ def proxy(server):
     p = FaultProxy(server.url)
     yield p
     p.stop()
+
+
+class Typist:
+    """A keyboard thread that keeps asking for suggestions (resetting after each) until stopped.
+
+    Every answer lands in `results`, any exception in `errors` (a failure while a model swap is
+    under way is a bug). Use as a context manager; `wait_for_more(n)` blocks until n more answers.
+    """
+
+    def __init__(self, suggest: Callable[[], list[str]], reset: Callable[[], None]):
+        self.results: list[list[str]] = []
+        self.errors: list[BaseException] = []
+        self._suggest, self._reset = suggest, reset
+        self._served = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._type, daemon=True)
+
+    def _type(self) -> None:
+        while not self._stop.is_set():
+            try:
+                words = self._suggest()
+                self._reset()
+            except Exception as err:  # noqa: BLE001 (recorded for the test to assert on)
+                self.errors.append(err)
+                return
+            with self._served:
+                self.results.append(words)
+                self._served.notify_all()
+
+    def wait_for_more(self, n: int = 1, timeout: float = 30.0) -> None:
+        with self._served:
+            seen = len(self.results)
+            assert self._served.wait_for(lambda: len(self.results) >= seen + n or self.errors, timeout=timeout)
+
+    def __enter__(self) -> "Typist":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import EligibilityPolicy
 from fedkb.manifest import load_manifest, verify_files
 from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
-from tests.fixtures_edge import FaultProxy, edge_model, state, text_file, user_lines  # noqa: F401
+from tests.fixtures_edge import FaultProxy, Typist, edge_model, state, text_file, user_lines  # noqa: F401
 
 ALL_MET = "charging=1,idle=1,unmetered=1,battery=90"
 
@@ -293,18 +292,24 @@ def test_interrupted_device_resumes_to_the_same_update(serve, text_file, tmp_pat
         straight.close()
 
 
-def test_a_resumed_job_marks_only_the_messages_it_trained_on(serve, text_file, tmp_path):
-    server = serve()
+def _interrupted_device(server, text_file, tmp_path):
+    """A device whose first job was checkpointed mid-way (charging stopped after a few steps);
+    it meets every condition again afterwards."""
     interrupted = ScriptedDeviceState.sequence([state()] * (3 + 2) + [state(charging=False)])
     device = _device(server.url, tmp_path / "phone", interrupted)
+    device.import_text(text_file)
+    assert device.run_once().action == "interrupted"
+    device.state = device.scheduler.state = ScriptedDeviceState(state())
+    return device
+
+
+def test_a_resumed_job_marks_only_the_messages_it_trained_on(serve, text_file, tmp_path):
+    device = _interrupted_device(serve(), text_file, tmp_path)
     try:
-        device.import_text(text_file)
-        assert device.run_once().action == "interrupted"
         typed_meanwhile = ["meet me at the station", "bring the thousand natural shocks", "see you soon"]
         for text in typed_meanwhile:  # the job never saw these
             device.examples.add(text)
 
-        device.state = device.scheduler.state = ScriptedDeviceState(state())
         assert device.run_once().action == "accepted"
         assert device.examples.new_examples() == len(typed_meanwhile)  # still waiting for the next job
     finally:
@@ -312,17 +317,12 @@ def test_a_resumed_job_marks_only_the_messages_it_trained_on(serve, text_file, t
 
 
 def test_a_checkpoint_for_another_task_of_the_same_round_is_not_resumed(serve, text_file, tmp_path):
-    server = serve()
-    interrupted = ScriptedDeviceState.sequence([state()] * (3 + 2) + [state(charging=False)])
-    device = _device(server.url, tmp_path / "phone", interrupted)
+    device = _interrupted_device(serve(), text_file, tmp_path)
     try:
-        device.import_text(text_file)
-        assert device.run_once().action == "interrupted"
         # Same round, other deadline (say, the server re-issued the task): the job starts afresh.
         store = device.scheduler.checkpoints
         old = store.load()
         store.save(dataclasses.replace(old, key=dataclasses.replace(old.key, deadline=old.key.deadline + 1.0)))
-        device.state = device.scheduler.state = ScriptedDeviceState(state())
         assert device.run_once().action == "accepted"
     finally:
         device.close()
@@ -354,33 +354,12 @@ def test_suggestions_follow_the_model_the_device_fetches(serve, text_file, tmp_p
                  what="version 2 published and round 2 open")
 
         # The keyboard keeps asking on its own thread while a cycle fetches version 2 and trains on it.
-        results, errors, stop = [], [], threading.Event()
-        served = threading.Condition()
-
-        def typist():
-            while not stop.is_set():
-                try:
-                    words = device.suggest(prefix)
-                    device.suggester.reset()
-                except Exception as err:  # any failure during the swap is a bug
-                    errors.append(err)
-                    return
-                with served:
-                    results.append(words)
-                    served.notify_all()
-
-        thread = threading.Thread(target=typist, daemon=True)
-        thread.start()
-        try:
-            with served:
-                assert served.wait_for(lambda: results or errors, timeout=30)
+        with Typist(lambda: device.suggest(prefix), device.suggester.reset) as typist:
+            typist.wait_for_more()
             report = device.run_once()
-        finally:
-            stop.set()
-            thread.join(30)
         assert (report.action, report.model_version) == ("accepted", 2), report
         assert (device.suggester.version, device.models.current_version) == (2, 2)
-        assert errors == [] and results and all(len(words) == 3 for words in results)  # never blank
+        assert typist.errors == [] and typist.results and all(len(w) == 3 for w in typist.results)  # never blank
         assert len(device.suggest(prefix)) == 3
     finally:
         device.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from fedkb.errors import FedkbError
 from fedkb.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
                             load_manifest, sha256_file, verify_files)
 from tests.fixtures_aggregator import ServerThread, server_overrides, wait_for
-from tests.fixtures_edge import FaultProxy, bump_version, edge_model, proxy  # noqa: F401
+from tests.fixtures_edge import FaultProxy, Typist, bump_version, edge_model, proxy  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -267,32 +266,10 @@ def test_suggestions_keep_being_served_during_swaps(store, retrained):
     live = LiveSuggester(store.current_dir())
     store.add_listener(live.swap)
     store.install_local(retrained)
-    results, errors, stop = [], [], threading.Event()
-    served = threading.Condition()
-
-    def typist():
-        while not stop.is_set():
-            try:
-                words = live.suggest("to be or not to")
-                live.reset()
-            except Exception as err:  # any failure while a swap is under way is a bug
-                errors.append(err)
-                return
-            with served:
-                results.append(words)
-                served.notify_all()
-
-    thread = threading.Thread(target=typist, daemon=True)
-    thread.start()
-    try:
+    with Typist(lambda: live.suggest("to be or not to"), live.reset) as typist:
         for _ in range(6):
-            with served:  # let the typist get a few suggestions in between swaps
-                seen = len(results)
-                assert served.wait_for(lambda: len(results) >= seen + 3 or errors, timeout=30)
+            typist.wait_for_more(3)  # let the typist get a few suggestions in between swaps
             store.rollback()
-    finally:
-        stop.set()
-        thread.join(30)
-    assert errors == []
+    assert typist.errors == []
     assert live.swaps == 7 and live.version == store.current_version
-    assert results and all(len(words) == 3 for words in results)  # the strip never went blank
+    assert typist.results and all(len(words) == 3 for words in typist.results)  # the strip never went blank

@@ -15,6 +15,7 @@ from datasets.prepared import load_prepared
 from datasets.windows import iterate_batches, make_windows
 from fedkb.manifest import load_manifest, verify_files
 from model import numpy_lm
+from model.metrics import token_nll
 from model.weights import load_weights
 from tests.fixtures_aggregator import Device, make_server, wait_for  # noqa: F401
 from tests.fixtures_model import *  # noqa: F401,F403
@@ -42,27 +43,27 @@ def _litert_loss(model_dir, batch):
 
 def _numpy_loss(weights, batch):
     logits, _, _ = numpy_lm.forward(weights, batch.x)
-    peak = logits.max(-1, keepdims=True)
-    lse = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
-    nll = lse - np.take_along_axis(logits, batch.y[..., None], -1)[..., 0]
-    return float((nll * batch.mask).sum() / batch.mask.sum())
+    return float((token_nll(logits, batch.y) * batch.mask).sum() / batch.mask.sum())
 
 
-def _step_logits(model_dir, weights=None):
-    """Logits after feeding TOKENS: from inference.tflite in LiteRT, or numpy with `weights`."""
-    if weights is None:
-        from fedkb.suggest import InferenceStepper
-
-        stepper = InferenceStepper(model_dir / "inference.tflite")
-        state = stepper.zero_state()
-        for t in TOKENS:
-            logits, state = stepper(t, state)
-        return np.asarray(logits, np.float64).ravel()
-    units = weights["lstm_recurrent_kernel"].shape[0]
-    state = (np.zeros(units, np.float32), np.zeros(units, np.float32))
+def _logits_after_tokens(step, state):
+    """Logits after feeding TOKENS one step at a time, from `state`."""
     for t in TOKENS:
-        logits, state = numpy_lm.step(weights, t, state)
+        logits, state = step(t, state)
     return np.asarray(logits, np.float64).ravel()
+
+
+def _served_logits(model_dir):
+    from fedkb.suggest import InferenceStepper
+
+    stepper = InferenceStepper(model_dir / "inference.tflite")
+    return _logits_after_tokens(stepper, stepper.zero_state())
+
+
+def _numpy_logits(weights):
+    units = weights["lstm_recurrent_kernel"].shape[0]
+    zero = (np.zeros(units, np.float32), np.zeros(units, np.float32))
+    return _logits_after_tokens(lambda t, state: numpy_lm.step(weights, t, state), zero)
 
 
 def _batch(tiny_data, tiny_config):
@@ -93,7 +94,7 @@ def test_published_version_computes_with_new_weights(fixture, request, tiny_conf
     assert abs(_litert_loss(v2, batch) - _numpy_loss(new, batch)) < 1e-4
     assert abs(_numpy_loss(new, batch) - _numpy_loss(old, batch)) > 1e-3, "the move must change the loss"
 
-    served, wanted, before = _step_logits(v2), _step_logits(None, new), _step_logits(None, old)
+    served, wanted, before = _served_logits(v2), _numpy_logits(new), _numpy_logits(old)
     tolerance = 0.05 * np.abs(wanted).max() if fixture == "tiny_model" else 1e-4  # int8 weights vs float
     assert np.abs(served - wanted).max() < tolerance
     assert np.abs(served - wanted).max() < np.abs(served - before).max() / 4, "served logits follow the new weights"

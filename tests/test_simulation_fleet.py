@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from datasets.prepared import load_prepared
 from edge_runtime.eligibility import can_continue
@@ -22,6 +21,7 @@ from simulation.availability import HOUR, AvailabilityConfig, DailyPattern
 from simulation.device_job import DeviceJob, run_device_job
 from simulation.fleet import POLICY, FleetConfig, ServerProcess
 from tests.conftest import write_jsonl
+from tests.fixtures_edge import enrolled_with_task
 from tests.fixtures_model import *  # noqa: F401,F403
 
 JOB_SECONDS = 2 * HOUR
@@ -47,23 +47,14 @@ def server(tiny_model, tmp_path):
     server.stop()
 
 
-def _device_with_task(server):
-    enrolled = requests.post(f"{server.url}/v1/devices", json={"enrollment_secret": server.secret}, timeout=10).json()
-    answer = requests.post(f"{server.url}/v1/checkin", headers={"Authorization": f"Bearer {enrolled['token']}"},
-                           json={"state": {"idle": True, "charging": True, "unmetered": True, "battery": 90.0}},
-                           timeout=10).json()
-    assert answer["action"] == "train", answer
-    return enrolled, answer["task"]
-
-
 def test_device_whose_night_ends_mid_job_drops_out_and_one_that_stays_uploads(server, tiny_data, tmp_path):
     tokens = next(iter(load_prepared(tiny_data).train.values()))
     pattern = DailyPattern(device_index=3, utc_offset_hours=1.0, seed=7)
     results = {}
     for stays in (False, True):
-        device, task = _device_with_task(server)
+        device, task = enrolled_with_task(server.url, server.secret)
         results[stays] = run_device_job(DeviceJob(
-            server.url, device["device_id"], device["token"], task, tokens, str(tmp_path / "cache"), seed=1,
+            server.url, device.device_id, device.token, task, tokens, str(tmp_path / "cache"), seed=1,
             pattern=pattern, availability=AVAILABILITY, sim_start=_find_time(pattern, stays=stays),
             job_seconds=JOB_SECONDS, policy=POLICY))
     dropped, finished = results[False], results[True]

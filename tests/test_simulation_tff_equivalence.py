@@ -5,9 +5,10 @@ enough that clipping changes some updates: if the new global weights agree, our 
 and clipping are right. Also checks TFF leaves no worker_binary child behind.
 """
 
+import time
+
 import numpy as np
 import pytest
-import requests
 
 from datasets.prepared import load_prepared
 from fedkb.clipping import global_norm
@@ -16,26 +17,13 @@ from simulation.device_job import DeviceJob, client_windows, run_device_job
 from simulation.fleet import FleetConfig, ServerProcess
 from simulation.tff_backend import client_batches, one_round
 from simulation.tff_cleanup import stop_tff_workers, tff_worker_children
+from tests.fixtures_edge import enrolled_with_task
 from tests.fixtures_model import *  # noqa: F401,F403
 
 pytest.importorskip("tensorflow_federated")
 
 CLIENTS = 3
 SEED = 11
-
-
-def _enroll(server):
-    r = requests.post(f"{server.url}/v1/devices", json={"enrollment_secret": server.secret}, timeout=10)
-    assert r.status_code == 201
-    return r.json()
-
-
-def _task(server, device):
-    r = requests.post(f"{server.url}/v1/checkin", headers={"Authorization": f"Bearer {device['token']}"},
-                      json={"state": {"idle": True, "charging": True, "unmetered": True, "battery": 90.0}}, timeout=10)
-    body = r.json()
-    assert body["action"] == "train", body
-    return body["task"]
 
 
 @pytest.mark.parametrize("optimizer", [dict(server_optimizer="sgd", server_lr=1.0),  # plain FedAvg
@@ -51,17 +39,16 @@ def test_one_round_matches_tff(optimizer, tiny_model, tiny_data, tiny_config, tm
     server = ServerProcess(state=tmp_path / "server", init_model=tiny_model, log_path=tmp_path / "server.log",
                            config=fleet)
     try:
-        devices = [_enroll(server) for _ in client_ids]
-        tasks = [_task(server, d) for d in devices]
-        results = [run_device_job(DeviceJob(server.url, d["device_id"], d["token"], t, data.train[c],
+        enrolled = [enrolled_with_task(server.url, server.secret) for _ in client_ids]
+        results = [run_device_job(DeviceJob(server.url, d.device_id, d.token, t, data.train[c],
                                             str(tmp_path / "cache"), seed=SEED + i))
-                   for i, (d, t, c) in enumerate(zip(devices, tasks, client_ids, strict=True))]
+                   for i, ((d, t), c) in enumerate(zip(enrolled, client_ids, strict=True))]
         assert [r.status for r in results] == ["accepted"] * CLIENTS
         assert any(r.update_norm > fleet.clip_norm for r in results), "clipping must be exercised"
-        deadline = __import__("time").monotonic() + 60
+        deadline = time.monotonic() + 60
         while server.status()["model_version"] < 2:
-            assert __import__("time").monotonic() < deadline, "no version 2"
-            __import__("time").sleep(0.05)
+            assert time.monotonic() < deadline, "no version 2"
+            time.sleep(0.05)
         ours = load_weights(tmp_path / "server" / "models" / "2" / "weights.safetensors", tiny_config)
         # What devices download computes with those weights (the server rewrote the flatbuffer).
         from edge_runtime.litert_model import TrainableModel
