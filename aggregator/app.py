@@ -26,7 +26,7 @@ from aggregator.errors import register_error_handlers
 from aggregator.metrics import Metrics
 from aggregator.model_store import ModelStore
 from aggregator.worker import Worker
-from fedkb.manifest import load_manifest
+from fedkb_core.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Fl
     Raises:
         ConfigError: invalid settings, missing secrets outside testing, or a state directory with
             no model and no `init_model` to start from.
-        fedkb.manifest.ManifestError: the initial model folder is not a valid export.
+        fedkb_core.manifest.ManifestError: the initial model folder is not a valid export.
     """
     if not isinstance(config, AggregatorConfig):
         config = load_config(overrides=config)
@@ -104,7 +104,7 @@ def prepare_state(config: AggregatorConfig) -> None:
 
     Raises:
         ConfigError: the state holds no model and `init_model` is unset.
-        fedkb.manifest.ManifestError: the initial model folder is not a valid export.
+        fedkb_core.manifest.ManifestError: the initial model folder is not a valid export.
     """
     _initialize_state(config, ModelStore(config.state_dir / MODELS_DIR))
 

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 ENV_PREFIX = "FEDKB_"
 
@@ -76,7 +76,7 @@ class AggregatorConfig:
     log_json: bool = True
 
     def __post_init__(self):
-        from fedkb.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
+        from fedkb_core.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
 
         # Absolute: Flask's send_file resolves a relative path against the app's package folder,
         # not the working directory, so `--state runs/server` would serve nothing.

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from flask import Flask, current_app, g
 
 from aggregator.rounds import ACTIVE_STATES, RoundRecord
-from fedkb.fsutil import fsync_dir
+from fedkb_core.durable import fsync_dir
 
 DB_FILE = "fedkb.sqlite"
 

@@ -1,7 +1,7 @@
 """Domain exceptions of the server and the one handler that turns them into JSON.
 
-Routes and logic raise an `ApiError` subclass (or let `fedkb.wire.UpdateRejected` and
-`fedkb.protocol.ProtocolError` through); `register_error_handlers` maps every one of them, and
+Routes and logic raise an `ApiError` subclass (or let `fedkb_core.wire.UpdateRejected` and
+`fedkb_core.protocol.ProtocolError` through); `register_error_handlers` maps every one of them, and
 Werkzeug's own 404/405/413, to `{"error": CODE, "message": TEXT}` with a stable code, so a device
 can act on `error` without parsing prose.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from fedkb.protocol import ProtocolError
-from fedkb.wire import UpdateRejected
+from fedkb_core.protocol import ProtocolError
+from fedkb_core.wire import UpdateRejected
 
 
 class ApiError(Exception):

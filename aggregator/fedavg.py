@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fedkb.clipping import global_norm, squared_norm
+from fedkb_core.clipping import global_norm, squared_norm
 
 Tensors = dict[str, np.ndarray]
 
@@ -137,7 +137,7 @@ class ClippedSum:
 
     Same `add`/`mean` interface as the inner sum; `add` also returns the norm measured before
     clipping, which the server records. Clipping bounds one device's influence whatever it sends.
-    The factor min(1, C/‖Δ‖) of `fedkb.clipping.clip_by_global_norm` is applied inside the float64
+    The factor min(1, C/‖Δ‖) of `fedkb_core.clipping.clip_by_global_norm` is applied inside the float64
     multiply of the inner sum instead of to a float32 copy of Δ (the same value up to float32
     rounding, which it avoids).
     """

@@ -1,7 +1,7 @@
 """Durable accept, then fold: how an accepted update survives a crash and counts exactly once.
 
 Accepting an update (request path, any thread or gunicorn worker):
-    1. validate it fully (`fedkb.wire.decode_update`, re-clip);
+    1. validate it fully (`fedkb_core.wire.decode_update`, re-clip);
     2. write the body as received to `<state>/inbox/<round>/<device>-<rand>.safetensors` and
        fsync it (`write_blob`);
     3. in one SQLite transaction (synchronous=FULL), re-check the round is open and insert the
@@ -38,10 +38,10 @@ from safetensors.numpy import load as st_load
 
 from aggregator import db
 from aggregator.fedavg import ClippedSum, WeightedSum
-from fedkb.fsutil import fsync_dir
+from fedkb_core.durable import fsync_dir
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord
-from fedkb.wire import WeightSpec, decode_update
+from fedkb_core.wire import WeightSpec, decode_update
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Folder:
         path = self.checkpoint_path(round_.id)
         if path.is_file():
             raw = path.read_bytes()
-            from fedkb.wire import read_header
+            from fedkb_core.wire import read_header
 
             _, meta, _ = read_header(raw)
             arrays = dict(sorted(st_load(raw).items()))  # name order, as `RoundSum` lays a new sum out
@@ -244,7 +244,7 @@ class Folder:
                       layout: dict[str, tuple[int, int]]) -> np.ndarray | None:
         """All of a blob's values as one float32 view in the sum's `layout`, or None if not laid out so.
 
-        The blob passed `fedkb.wire.decode_update` (names, shapes, dtypes, finite values, example
+        The blob passed `fedkb_core.wire.decode_update` (names, shapes, dtypes, finite values, example
         count) before it was accepted, and it is immutable since. A float32 update written by
         safetensors stores its tensors back to back in name order, which is the order of the
         sum's layout (`RoundSum`), so its data is one vector the sum adds in two numpy calls, with

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from fedkb.fsutil import atomic_write, fsync_dir
-from fedkb.manifest import Manifest, ManifestError, load_manifest, verify_files
-from fedkb.wire import WeightSpec
+from fedkb_core.durable import atomic_write, fsync_dir
+from fedkb_core.manifest import Manifest, ManifestError, load_manifest, verify_files
+from fedkb_core.model_files import read_weights
+from fedkb_core.wire import WeightSpec
+from model.derived import DERIVED
 
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -84,7 +86,7 @@ class ModelStore:
         """Copy an exported model folder in as the first version, with its weights extracted.
 
         The weights come from `weights.safetensors` beside the manifest when the exporter wrote
-        one, else they are read out of trainable.tflite (see `export.rewrite`).
+        one, else they are read out of trainable.tflite (see `fedkb_core.model_files`).
 
         Raises:
             ManifestError: the folder is not a valid export (missing files, wrong sha256, weights
@@ -97,9 +99,7 @@ class ModelStore:
         if weights_path.is_file():
             weights = load_file(weights_path)
         else:
-            from export.rewrite import read_weights
-
-            weights = read_weights(model_dir, manifest)
+            weights = read_weights(model_dir, manifest, derived=DERIVED)
         _check_layout(weights, manifest, where=str(model_dir))
 
         self.root.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Only the weights change between versions, so no converter runs: the trainable and inference
 TFLite files of the parent version are copied with their weight buffers rewritten in place
-(`export.rewrite`), the tokenizer is linked, the manifest is written last with fresh sha256s, and
+(`fedkb_core.model_files`), the tokenizer is linked, the manifest is written last with fresh sha256s, and
 the finished folder is renamed from `models/.tmp-<v>-…` to `models/<v>`. A device never sees a
 half-written version: before the rename the version does not exist, after it every file is there.
 This runs in the background worker, never in a request.
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedkb.fsutil import fsync_dir, fsync_file
+from fedkb_core.durable import fsync_dir, fsync_file
 from aggregator.model_store import OPTIMIZER_FILE, WEIGHTS_FILE, ModelStore, save_tensors
-from fedkb.manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
+from fedkb_core.manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
+from fedkb_core.model_files import REWRITABLE_FILES, rewrite_model_file
+from model.derived import DERIVED
 
 Tensors = dict[str, np.ndarray]
 
@@ -52,8 +54,6 @@ def publish_version(store: ModelStore, *, parent: int, version: int, weights: Te
         FileExistsError: the version is already published.
         ValueError: the weights do not match the parent's layout.
     """
-    from export.rewrite import REWRITABLE_FILES, rewrite_model_file
-
     parent_dir = store.version_dir(parent)
     parent_manifest = store.manifest(parent)
     want = {w.name: w.shape for w in parent_manifest.weights}
@@ -71,7 +71,8 @@ def publish_version(store: ModelStore, *, parent: int, version: int, weights: Te
         entries = {}
         for name in parent_manifest.files:
             if name in REWRITABLE_FILES:
-                rewrite_model_file(parent_dir / name, tmp / name, weights, manifest=parent_manifest, kind=name)
+                rewrite_model_file(parent_dir / name, tmp / name, weights, manifest=parent_manifest, kind=name,
+                                   derived=DERIVED)
                 fsync_file(tmp / name)
             else:
                 _link_or_copy(parent_dir / name, tmp / name)

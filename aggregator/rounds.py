@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from fedkb.protocol import CheckinResponse, RoundTask
+from fedkb_core.protocol import CheckinResponse, RoundTask
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
 ACTIVE_STATES = (OPEN, CLOSING)

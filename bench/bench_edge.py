@@ -10,7 +10,7 @@ fresh child process that imports only the edge runtime (no TensorFlow), and prin
       for each interpreter thread count;
     - the child's peak RSS (getrusage ru_maxrss, the high-water mark; /proc VmHWM as a cross-check)
       and its RSS after imports, before the model loads, so the job's own share is visible;
-    - upload bytes of the update in every `fedkb.wire` encoding, the ratio to float32 and the
+    - upload bytes of the update in every `fedkb_core.wire` encoding, the ratio to float32 and the
       relative L2 error the encoding adds to Δ.
 
 Usage:
@@ -102,9 +102,9 @@ def child_main(model_dir: Path, tokens_path: Path, threads: int, max_examples: i
     from edge_runtime.litert_model import TrainableModel
     from edge_runtime.scheduler import COMPLETED, CheckpointStore, Scheduler
     from edge_runtime.trainer import TrainingJob
-    from fedkb.clipping import global_norm
-    from fedkb.protocol import DeviceState, RoundTask
-    from fedkb.wire import ENCODINGS, UpdateMetadata, decode_update, encode_update
+    from fedkb_core.clipping import global_norm
+    from fedkb_core.protocol import DeviceState, RoundTask
+    from fedkb_core.wire import ENCODINGS, UpdateMetadata, decode_update, encode_update
 
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
     assert not heavy, f"the device child imported {heavy[:3]}"

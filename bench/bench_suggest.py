@@ -73,7 +73,7 @@ def main() -> int:
     from export.convert import convert_module
     from export.inference import InferenceLM
     from export.pipeline import export_model
-    from fedkb.suggest import Suggester
+    from edge_runtime.suggest import Suggester
     from model.baseline import BaselineConfig, train_baseline
     from model.config import ModelConfig
     from model.evaluation import EvalConfig

@@ -14,8 +14,8 @@ from datasets import prepared
 from datasets.sources import load_dataset
 from datasets.splits import SplitConfig, split_corpus
 from datasets.tokenizer import encode_utterances, tokenizer_from_bytes, train_tokenizer
-from fedkb.errors import FedkbError
-from fedkb.fsutil import ensure_writable_folder
+from fedkb_core.errors import FedkbError
+from fedkb_core.durable import ensure_writable_folder
 
 log = logging.getLogger(__name__)
 

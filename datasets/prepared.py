@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedkb.errors import FedkbError
-from fedkb.fsutil import sha256_file
+from fedkb_core.errors import FedkbError
+from fedkb_core.durable import sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test", "heldout")

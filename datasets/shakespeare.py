@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from datasets.corpus import Corpus, LoadReport, build_corpus
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 _ROLE = re.compile(r"^\*\*(?P<role>[^*]+)\*\*\s*(?P<rest>.*)$", re.S)
 _STAGE_DIRECTION = re.compile(r"_+[^_]*_+", re.S)  # some plays open one with "__"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.corpus import Corpus
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 DATASET_HELP = "shakespeare (built in), jsonl:PATH, csv:PATH or dir:PATH"
 

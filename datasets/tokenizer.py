@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 WORD_BOUNDARY = "\u2581"  # SentencePiece's marker at the start of a piece that begins a word

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from datasets.corpus import Corpus, LoadReport, build_corpus
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 _REQUIRED = ("client_id", "text")
 

@@ -1,4 +1,4 @@
-"""The device's HTTP client for the aggregator (API in `fedkb.protocol`).
+"""The device's HTTP client for the aggregator (API in `fedkb_core.protocol`).
 
 Phones lose the network all the time, so every call retries network errors and 5xx answers
 with capped exponential backoff and jitter (the "equal jitter" of Brooker, "Exponential Backoff
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import requests
 
-from fedkb.errors import FedkbError
-from fedkb.manifest import Manifest, ManifestError
-from fedkb.protocol import CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, EnrollResponse, to_json
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import Manifest, ManifestError
+from fedkb_core.protocol import CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, EnrollResponse, to_json
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class ServerClient:
         raise AssertionError("unreachable")
 
     def upload(self, round_id: int, body: bytes) -> UploadResult:
-        """Post an encoded update (fedkb.wire) for a round, retrying until the server answers.
+        """Post an encoded update (fedkb_core.wire) for a round, retrying until the server answers.
 
         Raises:
             ServerUnavailable: every attempt failed on the network or with 5xx (the caller

@@ -50,10 +50,10 @@ from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOut
 from edge_runtime.store import ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob, job_key
-from fedkb.errors import FedkbError
-from fedkb.manifest import TOKENIZER_FILE, Manifest
-from fedkb.protocol import RoundTask
-from fedkb.wire import UpdateMetadata, encode_update
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import TOKENIZER_FILE, Manifest
+from fedkb_core.protocol import RoundTask
+from fedkb_core.wire import UpdateMetadata, encode_update
 
 log = logging.getLogger(__name__)
 

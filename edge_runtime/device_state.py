@@ -9,7 +9,7 @@
 * `ScriptedDeviceState` answers from a script (a fixed state, a timeline, or a function of
   time), for tests and fleet emulation.
 
-The state type is `fedkb.protocol.DeviceState`, the same one a check-in sends.
+The state type is `fedkb_core.protocol.DeviceState`, the same one a check-in sends.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from fedkb.errors import FedkbError
-from fedkb.protocol import DeviceState
+from fedkb_core.errors import FedkbError
+from fedkb_core.protocol import DeviceState
 
 __all__ = ["DeviceState", "DeviceStateProvider", "LinuxDeviceState", "ScriptedDeviceState", "parse_state_spec"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fedkb.protocol import DeviceState
+from fedkb_core.protocol import DeviceState
 
 # Reason codes, stable for logs and reports.
 NOT_IDLE, NOT_CHARGING, METERED, LOW_BATTERY, FEW_EXAMPLES = (

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.windows import Windows
-from fedkb.errors import FedkbError
-from fedkb.manifest import TRAINABLE_FILE, Manifest, load_manifest
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import TRAINABLE_FILE, Manifest, load_manifest
 
 Weights = dict[str, np.ndarray]
 _SIGNATURES = ("train", "evaluate", "get_weights", "set_weights")

@@ -6,7 +6,7 @@ Layout under `root`:
     state.json         {"current": N, "previous": M}, replaced atomically
 
 A new version is staged in `.incoming-*`, every file is checked against the manifest's size
-and sha256 (`fedkb.manifest.verify_files`), the folder is renamed to `v<N>` and only then does
+and sha256 (`fedkb_core.manifest.verify_files`), the folder is renamed to `v<N>` and only then does
 `state.json` switch to it, with one `os.replace`. A crash at any point leaves the old version
 serving; a file that fails its checksum is deleted with its staging folder and the old version
 stays current. Listeners (the suggester) are told after a swap, so the trainable and the
@@ -31,9 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime.client import DownloadTooLarge
-from fedkb.errors import FedkbError
-from fedkb.fsutil import fsync_dir
-from fedkb.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, verify_files
+from fedkb_core.errors import FedkbError
+from fedkb_core.durable import fsync_dir
+from fedkb_core.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
 

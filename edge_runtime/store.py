@@ -25,7 +25,7 @@ from pathlib import Path
 
 from datasets.tokenizer import encode_utterances
 from datasets.windows import Windows, empty_windows, make_windows
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (

@@ -1,9 +1,9 @@
 """The keyboard's suggestion strip: top-3 next words, served during training and model swaps.
 
 Suggestions come from the version's constant-weight `inference.tflite` (a separate interpreter
-from the trainable model, so training never blocks typing), through `fedkb.suggest.Suggester`,
+from the trainable model, so training never blocks typing), through `edge_runtime.suggest.Suggester`,
 which keeps the LSTM state between keystrokes: each new piece costs one model step, and the
-word search (`fedkb.next_words`) branches off that state without disturbing it.
+word search (`fedkb_core.next_words`) branches off that state without disturbing it.
 
 A swap builds the new version's suggester completely *before* taking the lock, then replaces the
 reference; a keystroke in flight finishes on the old model and the next one uses the new one, so
@@ -17,8 +17,8 @@ import logging
 import threading
 from pathlib import Path
 
-from fedkb.manifest import Manifest
-from fedkb.suggest import Suggester
+from fedkb_core.manifest import Manifest
+from edge_runtime.suggest import Suggester
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ FedAvg's client update (McMahan et al., 2017, "Communication-Efficient Learning 
 Networks from Decentralized Data", https://arxiv.org/abs/1602.05629, Algorithm 1): start from
 the global weights, run E epochs of minibatch SGD over the local examples, and send back
 Δ = w_local − w_global with the number of examples as its weight. Δ is clipped to the task's L2
-norm before it leaves the device (`fedkb.clipping`, shared with the server), which bounds any
+norm before it leaves the device (`fedkb_core.clipping`, shared with the server), which bounds any
 one user's influence (McMahan et al., 2018, https://arxiv.org/abs/1710.06963).
 
 `TrainingJob` is that update as a resumable `scheduler.Job`: the batch order is fixed by the
@@ -23,9 +23,9 @@ import numpy as np
 from datasets.windows import Windows, iterate_batches
 from edge_runtime.litert_model import TrainableModel, Weights
 from edge_runtime.scheduler import JobKey
-from fedkb.clipping import clip_by_global_norm
-from fedkb.errors import FedkbError
-from fedkb.protocol import RoundTask
+from fedkb_core.clipping import clip_by_global_norm
+from fedkb_core.errors import FedkbError
+from fedkb_core.protocol import RoundTask
 
 _W, _X, _Y, _MASK, _UP_TO = "weights/", "data/x", "data/y", "data/mask", "data/up_to_id"
 

@@ -8,7 +8,7 @@ import time
 
 import tensorflow as tf
 
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from export.inference import InferenceLM
 from export.rewrite import MANIFEST_KEY as REWRITE_KEY
 from export.rewrite import convert_rewritable
 from export.trainable import TrainableLM
-from fedkb import manifest as mf
-from fedkb.errors import FedkbError
+from fedkb_core import manifest as mf
+from fedkb_core.errors import FedkbError
 from model.config import ModelConfig
 from model.weights import Weights, check_weights, initial_weights, save_weights, weight_specs
 

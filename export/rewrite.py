@@ -2,24 +2,21 @@
 
 Export side (imports TensorFlow through the caller's `convert` function, runs once per graph):
     data, rmap_json = convert_rewritable(convert, weights, sentinel_seed)
-    manifest.extra["tflite_rewrite"][file_name] = rmap_json
+    manifest.extra[MANIFEST_KEY][file_name] = rmap_json
 
-Publish side (numpy + flatbuffers only; fits `aggregator/publish.py`'s call):
-    rewrite_model_file(src, dst, weights, manifest=parent_manifest, kind="trainable.tflite")
-    read_weights(model_dir, manifest)
+The publish side (numpy + flatbuffers only) is `fedkb_core.model_files`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from export import tflite_rewrite as tr
+from fedkb_core import tflite_rewrite as tr
 
-REWRITABLE_FILES = ("trainable.tflite", "inference.tflite")
-MANIFEST_KEY = "tflite_rewrite"  # manifest.extra[MANIFEST_KEY][file name] = RewriteMap JSON
+from fedkb_core.model_files import MANIFEST_KEY, REWRITABLE_FILES  # noqa: F401  (re-exported for export/)
+from model.derived import DERIVED
 
 
 def sentinel_weights(weights: dict[str, np.ndarray], seed: int = 0x5EED) -> dict[str, np.ndarray]:
@@ -42,24 +39,5 @@ def convert_rewritable(convert: Callable[[dict[str, np.ndarray]], bytes], weight
     """
     sentinels = sentinel_weights(weights, seed)
     data = convert(sentinels)
-    rmap = tr.map_weights(data, sentinels)
-    return tr.rewrite(data, rmap, weights), rmap.to_json()
-
-
-def _rmap(manifest, kind: str) -> tr.RewriteMap:
-    try:
-        return tr.RewriteMap.from_json(manifest.extra[MANIFEST_KEY][kind])
-    except KeyError:
-        raise ValueError(f"manifest has no rewrite map for {kind}; re-export the model") from None
-
-
-def rewrite_model_file(src: Path, dst: Path, weights: dict[str, np.ndarray], *, manifest, kind: str) -> None:
-    data = tr.rewrite(Path(src).read_bytes(), _rmap(manifest, kind), weights)
-    with open(dst, "wb") as f:
-        f.write(data)
-
-
-def read_weights(model_dir: Path, manifest) -> dict[str, np.ndarray]:
-    """The weights held by trainable.tflite's variable initializers (exact float32)."""
-    kind = "trainable.tflite"
-    return tr.read_weights((Path(model_dir) / kind).read_bytes(), _rmap(manifest, kind))
+    rmap = tr.map_weights(data, sentinels, derived=DERIVED)
+    return tr.rewrite(data, rmap, weights, derived=DERIVED), rmap.to_json()

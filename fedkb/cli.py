@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from fedkb import __version__  # noqa: E402
-from fedkb.errors import FedkbError  # noqa: E402
+from fedkb_core.errors import FedkbError  # noqa: E402
 
 # Registered in this order in `fedkb --help`.
 _COMMAND_MODULES = (

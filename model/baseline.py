@@ -19,7 +19,7 @@ from tqdm import tqdm
 from datasets.prepared import load_prepared
 from datasets.tokenizer import load_tokenizer, word_start_table
 from datasets.windows import concat_windows, iterate_batches, make_windows
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 from model.config import ModelConfig
 from model.evaluation import EvalConfig, evaluate_weights
 from model.weights import save_weights

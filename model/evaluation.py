@@ -12,7 +12,7 @@ import numpy as np
 
 from datasets.tokenizer import EOS_ID
 from datasets.windows import concat_windows, make_windows
-from fedkb.next_words import top_words
+from fedkb_core.next_words import top_words
 from model import numpy_lm
 from model.metrics import EvalResult, count_words, perplexity, recall_at, token_nll
 from model.weights import Weights

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fedkb.errors import FedkbError
-from fedkb.wire import WeightSpec
+from fedkb_core.errors import FedkbError
+from fedkb_core.wire import WeightSpec
 from model.config import ModelConfig
 
 WEIGHT_NAMES = (

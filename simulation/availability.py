@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from fedkb.protocol import DeviceState
+from fedkb_core.protocol import DeviceState
 
 DAY = 86_400.0
 HOUR = 3_600.0

@@ -32,8 +32,8 @@ from edge_runtime.litert_model import TrainableModel, Weights
 from edge_runtime.model_store import ModelStore
 from edge_runtime.scheduler import COMPLETED, CheckpointStore, Scheduler
 from edge_runtime.trainer import TrainingJob, select_windows
-from fedkb.protocol import DeviceState, RoundTask
-from fedkb.wire import UpdateMetadata, encode_update
+from fedkb_core.protocol import DeviceState, RoundTask
+from fedkb_core.wire import UpdateMetadata, encode_update
 from simulation.availability import AvailabilityConfig, DailyPattern
 
 ALWAYS_ELIGIBLE = DeviceState(idle=True, charging=True, unmetered=True, battery=100.0)

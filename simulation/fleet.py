@@ -27,7 +27,7 @@ from datasets.prepared import PreparedData
 from datasets.tokenizer import load_tokenizer, word_start_table
 from edge_runtime.client import ServerClient
 from edge_runtime.eligibility import EligibilityPolicy, can_continue
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 from model.evaluation import EvalConfig, evaluate_weights
 from model.weights import load_weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet

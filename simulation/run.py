@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from datasets.prepared import load_prepared
-from fedkb.errors import FedkbError
-from fedkb.fsutil import ensure_writable_folder
+from fedkb_core.errors import FedkbError
+from fedkb_core.durable import ensure_writable_folder
 from model.config import ModelConfig
 from simulation.fleet import FleetConfig
 from simulation.report import plot_report, report_dict, write_report

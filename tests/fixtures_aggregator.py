@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from fedkb.manifest import FileEntry, Manifest, sha256_file, write_manifest
-from fedkb.protocol import RoundTask
-from fedkb.wire import UpdateMetadata, WeightSpec, encode_update
+from fedkb_core.manifest import FileEntry, Manifest, sha256_file, write_manifest
+from fedkb_core.protocol import RoundTask
+from fedkb_core.wire import UpdateMetadata, WeightSpec, encode_update
 
 SECRET = "enroll-secret-for-tests"
 ADMIN = "admin-token-for-tests"

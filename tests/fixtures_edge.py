@@ -35,7 +35,7 @@ __all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultPro
 
 def state(**changes):
     """A DeviceState meeting every condition, with some changed."""
-    from fedkb.protocol import DeviceState
+    from fedkb_core.protocol import DeviceState
 
     return dataclasses.replace(DeviceState(idle=True, charging=True, unmetered=True, battery=90.0), **changes)
 
@@ -46,7 +46,7 @@ ALL_MET = dict(idle=True, charging=True, unmetered=True, battery=90.0)
 def enrolled_with_task(url: str, secret: str):
     """Enroll a device through the edge runtime's client and check in for a task: (credentials, task JSON)."""
     from edge_runtime.client import ServerClient
-    from fedkb.protocol import to_json
+    from fedkb_core.protocol import to_json
 
     client = ServerClient(url)
     try:
@@ -80,7 +80,7 @@ def edge_model(tmp_path_factory) -> Path:
 
 def bump_version(source: Path, dest: Path, version: int) -> Path:
     """The same files relabelled as another version (only manifest.json changes)."""
-    from fedkb.manifest import load_manifest, write_manifest
+    from fedkb_core.manifest import load_manifest, write_manifest
 
     shutil.copytree(source, dest)
     manifest = load_manifest(source)

@@ -23,7 +23,7 @@ from aggregator.fedavg import ClippedSum, WeightedSum
 from aggregator.folding import Folder, write_blob
 from aggregator.rounds import OPEN, round_settings
 from aggregator.config import load_config
-from fedkb.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
+from fedkb_core.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
 from tests.fixtures_aggregator import (ADMIN, TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
                                        status, wait_for)
 

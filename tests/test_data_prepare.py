@@ -8,7 +8,7 @@ import pytest
 from datasets.prepared import load_prepared
 from datasets.tokenizer import BOS_ID, EOS_ID, load_tokenizer
 from fedkb.cli import main
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 from tests.conftest import write_jsonl
 
 

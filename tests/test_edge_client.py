@@ -14,8 +14,8 @@ import requests
 
 from edge_runtime.client import (RetryPolicy, ServerClient, ServerError, ServerUnavailable, UploadResult,
                                  backoff_delay)
-from fedkb.protocol import DeviceState
-from fedkb.wire import UpdateMetadata, encode_update
+from fedkb_core.protocol import DeviceState
+from fedkb_core.wire import UpdateMetadata, encode_update
 from tests.fixtures_aggregator import (ADMIN, SECRET, TINY_SHAPES, make_server, random_deltas,  # noqa: F401
                                        status, weights_model)
 from tests.fixtures_edge import FaultProxy, proxy  # noqa: F401

@@ -23,7 +23,7 @@ from edge_runtime.client import RetryPolicy, ServerClient
 from edge_runtime.device import CREDENTIALS_FILE, CycleReport, Device, DeviceConfig, next_delay
 from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import EligibilityPolicy
-from fedkb.manifest import load_manifest, verify_files
+from fedkb_core.manifest import load_manifest, verify_files
 from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
 from tests.fixtures_edge import FaultProxy, Typist, edge_model, state, text_file, user_lines  # noqa: F401
 

@@ -18,8 +18,8 @@ from safetensors.numpy import load_file
 from edge_runtime.client import RetryPolicy, ServerClient, ServerError
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.suggester import LiveSuggester
-from fedkb.errors import FedkbError
-from fedkb.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
                             load_manifest, sha256_file, verify_files)
 from tests.fixtures_aggregator import ServerThread, server_overrides, wait_for
 from tests.fixtures_edge import FaultProxy, Typist, bump_version, edge_model, proxy  # noqa: F401
@@ -172,7 +172,7 @@ def test_a_manifest_naming_a_path_is_rejected_before_anything_is_written(store, 
 
 @pytest.mark.parametrize("name", ["../evil", "sub/evil", "ABSOLUTE"])
 def test_install_local_rejects_a_manifest_naming_a_path(edge_model, tmp_path, name):
-    from fedkb.manifest import write_manifest
+    from fedkb_core.manifest import write_manifest
 
     source = Path(shutil.copytree(edge_model, tmp_path / "src"))
     name = str(tmp_path / "outside") if name == "ABSOLUTE" else name

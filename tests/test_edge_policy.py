@@ -10,7 +10,7 @@ import pytest
 
 from edge_runtime import eligibility as el
 from edge_runtime.device_state import DeviceStateProvider, LinuxDeviceState, ScriptedDeviceState, parse_state_spec
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 from tests.fixtures_edge import state
 
 POLICY = el.EligibilityPolicy()

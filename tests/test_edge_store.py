@@ -6,7 +6,7 @@ import pytest
 
 from datasets.tokenizer import BOS_ID, EOS_ID
 from edge_runtime.store import ExampleStore, RetentionPolicy
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 DAY = 86400.0
 

@@ -20,10 +20,10 @@ from edge_runtime.litert_model import ModelLayoutError, TrainableModel
 from edge_runtime.scheduler import ABANDONED, COMPLETED, INTERRUPTED, CheckpointStore, Scheduler
 from edge_runtime.store import ExampleStore
 from edge_runtime.trainer import TrainingJob, mean_token_loss, train_local
-from fedkb.clipping import global_norm
-from fedkb.errors import FedkbError
-from fedkb.manifest import INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE
-from fedkb.protocol import RoundTask
+from fedkb_core.clipping import global_norm
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE
+from fedkb_core.protocol import RoundTask
 from tests.fixtures_edge import SAMPLE_LINES, edge_model, state  # noqa: F401
 
 NOW = 1_000_000.0

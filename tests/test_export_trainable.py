@@ -6,7 +6,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from datasets.prepared import load_prepared
 from datasets.windows import concat_windows, iterate_batches, make_windows
-from fedkb.manifest import load_manifest, verify_files
+from fedkb_core.manifest import load_manifest, verify_files
 from model.weights import WEIGHT_NAMES, load_weights
 from tests.fixtures_model import *  # noqa: F401,F403
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from fedkb.manifest import (FileEntry, Manifest, ManifestError, load_manifest, sha256_bytes, verify_files,
+from fedkb_core.manifest import (FileEntry, Manifest, ManifestError, load_manifest, sha256_bytes, verify_files,
                             write_manifest)
-from fedkb.wire import WeightSpec
+from fedkb_core.wire import WeightSpec
 
 
 def _version_dir(tmp_path):

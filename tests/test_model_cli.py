@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedkb.cli import main
-from fedkb.manifest import load_manifest, verify_files
+from fedkb_core.manifest import load_manifest, verify_files
 from model import numpy_lm
 from model.config import ModelConfig
 from model.metrics import EvalResult

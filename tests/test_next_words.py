@@ -1,4 +1,4 @@
-"""The word beam search (fedkb/next_words.py) over a hand-built step function.
+"""The word beam search (fedkb_core/next_words.py) over a hand-built step function.
 
 A fake model over a 9-piece vocabulary whose next-piece probabilities are a table keyed by the
 pieces fed so far, so every expected word and score is computed by hand below.
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from fedkb.next_words import WordCandidate, log_softmax, top_words
+from fedkb_core.next_words import WordCandidate, log_softmax, top_words
 
 PAD, UNK, BOS, EOS, THE, CAT, S, DOG, CA = range(9)
 PIECES = ["<pad>", "<unk>", "<s>", "</s>", "▁the", "▁cat", "s", "▁dog", "▁ca"]

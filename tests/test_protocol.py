@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedkb.protocol import (CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, ProtocolError, RoundTask,
+from fedkb_core.protocol import (CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, ProtocolError, RoundTask,
                             to_json)
 
 TASK = RoundTask(round_id=4, model_version=3, learning_rate=0.5, epochs=1, batch_size=16, max_examples=800,

@@ -13,7 +13,7 @@ import pytest
 
 from datasets.prepared import load_prepared
 from datasets.windows import iterate_batches, make_windows
-from fedkb.manifest import load_manifest, verify_files
+from fedkb_core.manifest import load_manifest, verify_files
 from model import numpy_lm
 from model.metrics import token_nll
 from model.weights import load_weights
@@ -54,7 +54,7 @@ def _logits_after_tokens(step, state):
 
 
 def _served_logits(model_dir):
-    from fedkb.suggest import InferenceStepper
+    from edge_runtime.suggest import InferenceStepper
 
     stepper = InferenceStepper(model_dir / "inference.tflite")
     return _logits_after_tokens(stepper, stepper.zero_state())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from datasets.prepared import load_prepared
-from fedkb.clipping import global_norm
+from fedkb_core.clipping import global_norm
 from model.weights import load_weights
 from simulation.device_job import DeviceJob, client_windows, run_device_job
 from simulation.fleet import FleetConfig, ServerProcess

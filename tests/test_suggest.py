@@ -1,4 +1,4 @@
-"""Next-word suggestions (fedkb/suggest.py, `fedkb suggest`) on the tiny exported model, in LiteRT."""
+"""Next-word suggestions (edge_runtime/suggest.py, `fedkb suggest`) on the tiny exported model, in LiteRT."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from fedkb.cli import main
-from fedkb.errors import FedkbError
-from fedkb.next_words import top_words
-from fedkb.suggest import Suggester
+from fedkb_core.errors import FedkbError
+from fedkb_core.next_words import top_words
+from edge_runtime.suggest import Suggester
 from model import numpy_lm
 from model.weights import load_weights
 from tests.fixtures_model import *  # noqa: F401,F403
@@ -152,7 +152,7 @@ def test_reset_starts_a_new_utterance(counted):
 def test_device_side_never_imports_tensorflow(tiny_model):
     script = (
         "import sys, json\n"
-        "from fedkb.suggest import Suggester\n"
+        "from edge_runtime.suggest import Suggester\n"
         "from fedkb.cli import main\n"
         f"words = Suggester({str(tiny_model)!r}).suggest('to be or not to')\n"
         f"assert main(['suggest', '--model', {str(tiny_model)!r}, 'to be']) == 0\n"

@@ -5,7 +5,7 @@ import pytest
 
 from datasets.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode_utterances, load_tokenizer,
                                 tokenizer_from_bytes, train_tokenizer, word_start_table)
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 from tests.conftest import SAMPLE_LINES
 
 

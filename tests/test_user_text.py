@@ -6,7 +6,7 @@ import pytest
 
 from datasets.sources import load_dataset
 from datasets.user_text import load_csv, load_folder, load_jsonl
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 
 def test_jsonl_groups_lines_by_client_and_counts_skips(tmp_path):

@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from fedkb.clipping import clip_by_global_norm, global_norm
-from fedkb.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
+from fedkb_core.clipping import clip_by_global_norm, global_norm
+from fedkb_core.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
 
 SPECS = [WeightSpec("a", (2, 3)), WeightSpec("b", (4,))]
 

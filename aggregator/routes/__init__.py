@@ -1,5 +1,5 @@
 """HTTP routes, one blueprint per concern. Each route decodes the request into the dataclasses of
-`fedkb.protocol`, calls the logic, and encodes the answer; none does maths."""
+`fedkb_core.protocol`, calls the logic, and encodes the answer; none does maths."""
 
 from __future__ import annotations
 

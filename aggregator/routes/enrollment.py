@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify
 from aggregator import auth, db
 from aggregator.errors import Forbidden
 from aggregator.routes import json_body, server
-from fedkb.protocol import EnrollRequest, EnrollResponse, to_json
+from fedkb_core.protocol import EnrollRequest, EnrollResponse, to_json
 
 bp = Blueprint("enrollment", __name__)
 log = logging.getLogger(__name__)

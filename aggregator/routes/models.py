@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request, send_file
 from aggregator import db
 from aggregator.errors import NotFound
 from aggregator.routes import server
-from fedkb.manifest import MANIFEST_FILE, sha256_bytes
+from fedkb_core.manifest import MANIFEST_FILE, sha256_bytes
 
 bp = Blueprint("models", __name__)
 

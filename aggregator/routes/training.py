@@ -3,7 +3,7 @@
 Upload validation runs in this order, every step before any maths and before any state changes:
 bearer auth → round exists → the device holds a task for it → Content-Length within the bound
 (413 before reading) → an identical retry of an accepted update answers `duplicate` → the round is
-still accepting → `fedkb.wire.decode_update` (names, shapes, dtypes, finiteness, example count) →
+still accepting → `fedkb_core.wire.decode_update` (names, shapes, dtypes, finiteness, example count) →
 metadata names this round, this device and the round's model version → the norm is measured
 (the folder re-clips to the round's clip norm) → the body is written durably and recorded in one
 transaction. A rejection changes nothing but the rejection counters.
@@ -25,11 +25,11 @@ from flask import Blueprint, jsonify, request
 from aggregator import db, rounds
 from aggregator.app import update_size_limit
 from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
-from fedkb.clipping import global_norm
+from fedkb_core.clipping import global_norm
 from aggregator.folding import write_blob
 from aggregator.routes import authenticate_device, json_body, server
-from fedkb.protocol import CheckinRequest, CheckinResponse, UploadResponse, to_json
-from fedkb.wire import UpdateRejected, decode_update, read_header
+from fedkb_core.protocol import CheckinRequest, CheckinResponse, UploadResponse, to_json
+from fedkb_core.wire import UpdateRejected, decode_update, read_header
 
 bp = Blueprint("training", __name__)
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config_from_args(args, vocab_size: int):
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
     from model.config import ModelConfig
 
     try:

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def run_prepare(args) -> int:
     from datasets.prepare import PrepareConfig, prepare_dataset
     from datasets.splits import SplitConfig
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
 
     if args.max_clients is not None and args.max_clients < 1:
         raise FedkbError(f"--max-clients must be at least 1, got {args.max_clients}")

@@ -55,7 +55,7 @@ def run(args) -> int:
     from edge_runtime.device import Device, DeviceConfig
     from edge_runtime.device_state import LinuxDeviceState, ScriptedDeviceState, parse_state_spec
     from edge_runtime.eligibility import EligibilityPolicy
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
 
     if args.threads < 1 or args.poll <= 0 or (args.cycles is not None and args.cycles < 1):
         raise FedkbError("--threads and --cycles must be >= 1 and --poll > 0")

@@ -32,7 +32,7 @@ def run(args) -> int:
     from datasets.prepared import load_prepared
     from datasets.tokenizer import load_tokenizer, word_start_table
     from edge_runtime.litert_model import TrainableModel
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
     from model.evaluation import EvalConfig, evaluate_weights
 
     if args.windows < 1 or args.words < 1:

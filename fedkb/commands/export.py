@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from datasets.prepared import load_prepared
     from export.pipeline import export_model
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
     from model.weights import load_weights
 
     if args.version < 1:

@@ -81,7 +81,7 @@ def config_from_args(args):
 def run(args) -> int:
     import logging
 
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
 
     if args.workers < 1 or args.threads < 1:
         raise FedkbError("--workers and --threads must be at least 1")

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fedkb.errors import FedkbError
+    from fedkb_core.errors import FedkbError
     from model.evaluation import EvalConfig
     from simulation.fleet import FleetConfig
     from simulation.run import simulate

@@ -20,8 +20,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fedkb.errors import FedkbError
-    from fedkb.suggest import Suggester
+    from fedkb_core.errors import FedkbError
+    from edge_runtime.suggest import Suggester
 
     if args.k < 1:
         raise FedkbError(f"-k must be at least 1, got {args.k}")

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from fedkb.errors import FedkbError
+from fedkb_core.errors import FedkbError
 
 
 def sha256_file(path: Path) -> str:

@@ -12,9 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from fedkb.errors import FedkbError
-from fedkb.fsutil import sha256_file
-from fedkb.wire import WeightSpec
+from fedkb_core.errors import FedkbError
+from fedkb_core.durable import sha256_file
+from fedkb_core.wire import WeightSpec
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1

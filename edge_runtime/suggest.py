@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from datasets.tokenizer import BOS_ID, load_tokenizer, word_start_table
-from fedkb.errors import FedkbError
-from fedkb.manifest import INFERENCE_FILE, TOKENIZER_FILE, load_manifest
-from fedkb.next_words import top_words
+from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import INFERENCE_FILE, TOKENIZER_FILE, load_manifest
+from fedkb_core.next_words import top_words
 
 
 class InferenceStepper:

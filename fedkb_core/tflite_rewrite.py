@@ -8,7 +8,7 @@ from zero, zero point 0, per-tensor or per-channel as in the original).
 
 Two phases:
   * export time, once per converted graph: `map_weights(model, sentinels)` finds which tensors
-    hold which weight (or a value the converter folded out of several weights, see DERIVED), in
+    hold which weight (or a value the converter folded out of several weights, see `Derived`), in
     which layout and quantization. The exporter converts with *sentinel* weights (distinct
     random values per weight) so the match is unambiguous and nothing is folded away or
     de-duplicated because a weight happened to be zero or equal to another constant. The result
@@ -30,21 +30,14 @@ from flatbuffers.table import Table
 
 # ---------------------------------------------------------------------------------------------
 # Derived values: constants the converter computes from several weights (constant folding).
-# Each is registered by a stable name; map_weights tries them as sources like plain weights.
-# Keep this list short: every entry is a model-code pattern that the converter folds.
+# Which ones a graph has is a property of the model's code, so the rules live beside the model
+# (`model/derived.py`); callers pass them in as `derived={name: Derived(...)}`.
 
 @dataclasses.dataclass(frozen=True)
 class Derived:
     inputs: tuple[str, ...]
     fn: Callable[..., np.ndarray]
 
-
-DERIVED: dict[str, Derived] = {
-    # logits = (h @ P + pb) @ E^T + ob: TFL's optimizer moves pb through the tied output
-    # matmul into its bias (FuseAddAndFullyConnected), giving one bias ob + E @ pb.
-    "output_bias+embedding@projection_bias": Derived(
-        ("output_bias", "embedding", "projection_bias"), lambda ob, e, pb: ob + e @ pb),
-}
 
 # ---------------------------------------------------------------------------------------------
 # Minimal read access to the TFLite schema (tensorflow/lite/schema/schema.fbs), by field slot.
@@ -183,7 +176,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray
 class Binding:
     subgraph: int
     tensor: int
-    source: str  # a weight name, or a DERIVED name
+    source: str  # a weight name, or the name of a `Derived` rule
     transpose: bool  # the tensor holds source.T (FULLY_CONNECTED weights are [out, in])
     shape: tuple[int, ...]  # the tensor's shape (checked at publish time)
     quantized: bool  # int8 data with float scales
@@ -233,13 +226,13 @@ def _sources(weights: dict[str, np.ndarray], derived: dict) -> dict[str, np.ndar
     return out
 
 
-def map_weights(model: bytes, sentinels: dict[str, np.ndarray], *, derived=DERIVED,
+def map_weights(model: bytes, sentinels: dict[str, np.ndarray], *, derived: dict[str, Derived],
                 required: tuple[str, ...] | None = None) -> RewriteMap:
     """Find the tensors holding each sentinel weight (export time).
 
     Raises:
         ValueError: a required weight is carried by no tensor (the converter folded it into
-            something not listed in DERIVED), a buffer is shared between a weight and another
+            something not listed in `derived`), a buffer is shared between a weight and another
             tensor, or a large constant is left that looks derived from weights but is unmapped.
     """
     buf = bytes(model)
@@ -326,7 +319,7 @@ def map_weights(model: bytes, sentinels: dict[str, np.ndarray], *, derived=DERIV
 # ---------------------------------------------------------------------------------------------
 # Publish time.
 
-def rewrite(model: bytes, rmap: RewriteMap, weights: dict[str, np.ndarray], *, derived=DERIVED) -> bytes:
+def rewrite(model: bytes, rmap: RewriteMap, weights: dict[str, np.ndarray], *, derived: dict[str, Derived]) -> bytes:
     """The model's bytes with every bound tensor recomputed from `weights`.
 
     Raises:
@@ -361,11 +354,11 @@ def rewrite(model: bytes, rmap: RewriteMap, weights: dict[str, np.ndarray], *, d
     return bytes(out)
 
 
-def read_weights(model: bytes, rmap: RewriteMap) -> dict[str, np.ndarray]:
+def read_weights(model: bytes, rmap: RewriteMap, *, derived: dict[str, Derived]) -> dict[str, np.ndarray]:
     """Plain weights back out of a file (float tensors exact, int8 dequantized); float preferred."""
     out: dict[str, np.ndarray] = {}
     for b in sorted(rmap.bindings, key=lambda b: b.quantized):  # float tensors first
-        if b.source in out or b.source in DERIVED:
+        if b.source in out or b.source in derived:
             continue
         t = tensor_at(model, b.subgraph, b.tensor)
         a = _tensor_array(model, t)

@@ -9,7 +9,7 @@ Endpoints (see also DESIGN.md):
     GET  /v1/models/latest                -> manifest.json of the current version
     GET  /v1/models/<version>/<file>      -> file bytes, ETag = sha256
     POST /v1/checkin                      CheckinRequest -> CheckinResponse
-    POST /v1/rounds/<round_id>/updates    safetensors body (fedkb.wire) -> UploadResponse
+    POST /v1/rounds/<round_id>/updates    safetensors body (fedkb_core.wire) -> UploadResponse
     GET  /v1/status, GET /metrics, GET /
 """
 
