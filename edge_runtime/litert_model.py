@@ -1,7 +1,7 @@
 """The trainable TFLite model in LiteRT: named signatures, weights by manifest name.
 
 The export writes `trainable.tflite` with the signatures `train`, `evaluate`, `get_weights` and
-`set_weights` (DESIGN.md), builtin ops only, so the plain `ai-edge-litert` runtime trains it with
+`set_weights` (docs/architecture.md), builtin ops only, so the plain `ai-edge-litert` runtime trains it with
 no Flex delegate. This wrapper is the only place that touches the interpreter. The weight layout
 (names, shapes, dtypes) comes from the version's manifest and is checked against the model's
 own signatures when it loads — never hard-coded, unlike Flower's Android example, whose

@@ -1,6 +1,6 @@
 """The on-device trainable model: a tf.Module whose named signatures the edge runtime calls.
 
-Signatures (DESIGN.md): `train(x, y, mask, lr) -> {loss}` (one SGD step), `evaluate(x, y,
+Signatures (docs/architecture.md): `train(x, y, mask, lr) -> {loss}` (one SGD step), `evaluate(x, y,
 mask) -> {loss_sum, tokens, correct}`, `infer(x) -> {logits}`, `get_weights() -> {name: tensor}`,
 `set_weights(name=tensor, ...) -> {ok}`. Shapes are static ([B, T] from the ModelConfig), as
 training in TFLite needs. Pattern after tensorflow/examples' model_personalization

@@ -4,7 +4,7 @@ Both sides import this module (it needs neither Flask nor TensorFlow), so a fiel
 is renamed everywhere. Routes decode JSON into these classes, call the logic, and encode the
 result; they do no maths. Every error body is `{"error": CODE, "message": TEXT}`.
 
-Endpoints (see also DESIGN.md):
+Endpoints (docs/architecture.md):
     POST /v1/devices                      EnrollRequest -> EnrollResponse (201)
     GET  /v1/models/latest                -> manifest.json of the current version
     GET  /v1/models/<version>/<file>      -> file bytes, ETag = sha256

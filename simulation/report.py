@@ -1,6 +1,6 @@
 """report.json and its plot: what a simulation measured, round by round.
 
-Keys follow DESIGN.md: a `rounds` list whose entries have `round`, `model_version`, `clients`
+Keys follow docs/architecture.md: a `rounds` list whose entries have `round`, `model_version`, `clients`
 and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation and bytes.
 Round 0 is the initial model, evaluated before any training.
 """

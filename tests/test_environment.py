@@ -1,4 +1,4 @@
-"""The pinned environment: the pieces DESIGN.md promises import and fit together."""
+"""The pinned environment: the pieces docs/architecture.md promises import and fit together."""
 
 import subprocess
 import sys
