@@ -23,6 +23,7 @@ from flask import Flask
 from aggregator import db, logs
 from aggregator.config import AggregatorConfig, ConfigError, load_config
 from aggregator.errors import register_error_handlers
+from aggregator.limits import update_size_limit
 from aggregator.metrics import Metrics
 from aggregator.model_store import ModelStore
 from aggregator.worker import Worker
@@ -138,13 +139,6 @@ def _initialize_state(config: AggregatorConfig, store: ModelStore) -> None:
                                                       "init_model": str(config.init_model)})
         finally:
             conn.close()
-
-
-def update_size_limit(config: AggregatorConfig, num_params: int) -> int:
-    """Largest accepted upload: a float32 update of every parameter plus the largest header."""
-    if config.max_body_bytes is not None:
-        return config.max_body_bytes
-    return 4 * num_params + (1 << 20) + 8
 
 
 def _largest_body(config: AggregatorConfig, store: ModelStore) -> int:

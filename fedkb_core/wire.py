@@ -26,6 +26,11 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
 _MAX_HEADER_BYTES = 1 << 20
 
 
+def max_update_bytes(num_params: int) -> int:
+    """The largest well-formed update of `num_params` parameters: float32 data plus the largest header."""
+    return 4 * num_params + _MAX_HEADER_BYTES + 8
+
+
 class UpdateRejected(Exception):
     """An update that fails validation; `code` is stable, the message is for humans."""
 

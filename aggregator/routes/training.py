@@ -23,7 +23,7 @@ import time
 from flask import Blueprint, jsonify, request
 
 from aggregator import db, rounds
-from aggregator.app import update_size_limit
+from aggregator.limits import update_size_limit
 from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
 from fedkb_core.clipping import global_norm
 from aggregator.folding import write_blob
