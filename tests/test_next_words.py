@@ -142,3 +142,27 @@ def test_finite_floor_logits_give_the_same_ranking():
 
     assert [w.pieces for w in words] == [pieces for pieces, _ in EXPECTED]
     assert [w.log_prob for w in words] == pytest.approx([math.log(p) for _, p in EXPECTED], abs=1e-6)
+
+
+def test_ties_go_to_the_lower_piece_id():
+    # "▁dog" and "▁cat" equally likely: the order is fixed (lower id first), not the sort's whim.
+    table = {(): {DOG: 0.5, CAT: 0.5}, (CAT,): {EOS: 1.0}, (DOG,): {EOS: 1.0}}
+
+    assert [w.pieces for w in _search(table=table, k=2)] == [(CAT,), (DOG,)]
+    assert [w.pieces for w in _search(table=table, k=1, beam=1)] == [(CAT,)]
+
+
+def test_a_boundary_far_below_the_peak_still_scores_finitely():
+    # After "▁ca" a continuation dominates by 800 nats, beyond where exp() of the gap underflows:
+    # the word "ca" must keep its exact (tiny) score, not -inf.
+    start = _logits({CA: 1.0})
+    after_ca = np.full(V, -np.inf, np.float32)
+    after_ca[S], after_ca[EOS] = 0.0, -800.0
+
+    def step(token, state):
+        return (after_ca if state == () else _logits({EOS: 1.0})), state + (token,)
+
+    words = top_words(step, (), start, WORD_START, k=2, max_pieces=2)
+
+    assert [w.pieces for w in words] == [(CA, S), (CA,)]
+    assert words[1].log_prob == pytest.approx(-800.0, abs=1e-6)
