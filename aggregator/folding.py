@@ -38,7 +38,7 @@ from safetensors.numpy import load as st_load
 
 from aggregator import db
 from aggregator.fedavg import ClippedSum, WeightedSum
-from fedkb_core.durable import fsync_dir
+from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord
 from fedkb_core.wire import WeightSpec, decode_update
@@ -312,5 +312,4 @@ class Folder:
         for path in list(self.inbox_dir.iterdir()) if self.inbox_dir.is_dir() else []:
             if path.name != str(active_round_id):
                 shutil.rmtree(path, ignore_errors=True)
-        for path in self.sums_dir.glob(".*.tmp") if self.sums_dir.is_dir() else []:
-            path.unlink(missing_ok=True)
+        remove_temps(self.sums_dir)

@@ -11,7 +11,6 @@ files" one unit that appears atomically with the folder's rename.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from fedkb_core.durable import atomic_write, fsync_dir
+from fedkb_core.durable import atomic_folder, atomic_write, remove_temps
 from fedkb_core.manifest import Manifest, ManifestError, load_manifest, verify_files
 from fedkb_core.model_files import read_weights
 from fedkb_core.wire import WeightSpec
@@ -78,9 +77,7 @@ class ModelStore:
 
     def remove_partial(self) -> None:
         """Delete half-written version folders left by a crash during publishing."""
-        if self.root.is_dir():
-            for p in self.root.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
+        remove_temps(self.root)
 
     def import_initial(self, model_dir: Path) -> Manifest:
         """Copy an exported model folder in as the first version, with its weights extracted.
@@ -103,15 +100,10 @@ class ModelStore:
         _check_layout(weights, manifest, where=str(model_dir))
 
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-import-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name in [*manifest.files, "manifest.json"]:
-            shutil.copyfile(model_dir / name, tmp / name)
-        save_tensors(tmp / WEIGHTS_FILE, {k: np.asarray(v, np.float32) for k, v in weights.items()})
-        fsync_dir(tmp)
-        os.replace(tmp, self.version_dir(manifest.version))
-        fsync_dir(self.root)
+        with atomic_folder(self.version_dir(manifest.version)) as staging:
+            for name in [*manifest.files, "manifest.json"]:
+                shutil.copyfile(model_dir / name, staging / name)
+            save_tensors(staging / WEIGHTS_FILE, {k: np.asarray(v, np.float32) for k, v in weights.items()})
         return manifest
 
 

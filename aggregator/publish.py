@@ -3,7 +3,7 @@
 Only the weights change between versions, so no converter runs: the trainable and inference
 TFLite files of the parent version are copied with their weight buffers rewritten in place
 (`fedkb_core.model_files`), the tokenizer is linked, the manifest is written last with fresh sha256s, and
-the finished folder is renamed from `models/.tmp-<v>-…` to `models/<v>`. A device never sees a
+the finished folder is renamed from a temporary name to `models/<v>` (`fedkb_core.durable.atomic_folder`). A device never sees a
 half-written version: before the rename the version does not exist, after it every file is there.
 This runs in the background worker, never in a request.
 """
@@ -13,15 +13,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-import secrets
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from fedkb_core.durable import fsync_dir, fsync_file
+from fedkb_core.durable import atomic_folder
 from aggregator.model_store import OPTIMIZER_FILE, WEIGHTS_FILE, ModelStore, save_tensors
-from fedkb_core.manifest import MANIFEST_FILE, FileEntry, Manifest, sha256_file, write_manifest
+from fedkb_core.manifest import FileEntry, Manifest, sha256_file, write_manifest
 from fedkb_core.model_files import REWRITABLE_FILES, rewrite_model_file
 from model.derived import DERIVED
 
@@ -64,16 +63,14 @@ def publish_version(store: ModelStore, *, parent: int, version: int, weights: Te
     if final.exists():
         raise FileExistsError(f"{final} already exists")
 
-    tmp = store.root / f".tmp-{version}-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
+    store.root.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(final) as tmp:
         # Files: rewrite the models' weight buffers, link everything else (it does not change).
         entries = {}
         for name in parent_manifest.files:
             if name in REWRITABLE_FILES:
                 rewrite_model_file(parent_dir / name, tmp / name, weights, manifest=parent_manifest, kind=name,
                                    derived=DERIVED)
-                fsync_file(tmp / name)
             else:
                 _link_or_copy(parent_dir / name, tmp / name)
             entries[name] = FileEntry(sha256=sha256_file(tmp / name), bytes=(tmp / name).stat().st_size)
@@ -87,11 +84,4 @@ def publish_version(store: ModelStore, *, parent: int, version: int, weights: Te
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra={**parent_manifest.extra, **(extra or {})})
         write_manifest(tmp, manifest)
-        fsync_file(tmp / MANIFEST_FILE)
-        fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(store.root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from fedkb_core.errors import FedkbError
-from fedkb_core.durable import sha256_file
+from fedkb_core.durable import atomic_file, atomic_write_json, sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test", "heldout")
@@ -46,10 +45,8 @@ def write_split(path: Path, streams: dict[str, np.ndarray]) -> None:
     lengths = np.array([len(streams[c]) for c in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.concatenate([streams[c] for c in ids]).astype(np.int32) if ids else np.zeros(0, np.int32)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.savez(f, client_ids=np.array(ids, dtype=np.str_), offsets=offsets, tokens=tokens)
-    os.replace(tmp, path)
 
 
 def read_split(path: Path, vocab_size: int) -> dict[str, np.ndarray]:
@@ -70,9 +67,7 @@ def read_split(path: Path, vocab_size: int) -> dict[str, np.ndarray]:
 
 
 def write_stats(root: Path, stats: dict) -> None:
-    tmp = root / (STATS_FILE + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, root / STATS_FILE)
+    atomic_write_json(root / STATS_FILE, stats)
 
 
 def load_prepared(data_dir: Path | str) -> PreparedData:

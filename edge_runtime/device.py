@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOut
 from edge_runtime.store import ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob, job_key
+from fedkb_core.durable import atomic_write, atomic_write_json
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import TOKENIZER_FILE, Manifest
 from fedkb_core.protocol import RoundTask
@@ -276,10 +276,10 @@ class Device:
 
     def _keep_in_outbox(self, task: RoundTask, body: bytes, up_to: int) -> None:
         self.outbox.mkdir(exist_ok=True)
-        (self.outbox / f"{task.round_id}.json").write_text(json.dumps({"deadline": task.deadline, "up_to_id": up_to}))
-        tmp = self.outbox / f"{task.round_id}.safetensors.tmp"
-        tmp.write_bytes(body)
-        os.replace(tmp, self.outbox / f"{task.round_id}.safetensors")
+        # The body first: a record is written only for a durable body. A body without its record
+        # (a crash between the two) reads as expired and is dropped, never sent half-described.
+        atomic_write(self.outbox / f"{task.round_id}.safetensors", body)
+        atomic_write_json(self.outbox / f"{task.round_id}.json", {"deadline": task.deadline, "up_to_id": up_to})
 
     def _pending_uploads(self) -> list[Path]:
         return sorted(self.outbox.glob("*.safetensors")) if self.outbox.is_dir() else []
@@ -372,9 +372,4 @@ def load_credentials(home: Path) -> Credentials | None:
 
 def save_credentials(home: Path, credentials: Credentials) -> None:
     """Write the token readable by this user only, atomically."""
-    path = Path(home) / CREDENTIALS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dataclasses.asdict(credentials), f)
-    os.replace(tmp, path)
+    atomic_write_json(Path(home) / CREDENTIALS_FILE, dataclasses.asdict(credentials), permissions=0o600)

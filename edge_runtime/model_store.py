@@ -2,12 +2,12 @@
 
 Layout under `root`:
     v<N>/              complete, verified versions (at most the current and the previous one)
-    .incoming-<N>-*/   a download in progress (removed at start-up: a crash leaves only this)
+    .v<N>.*.tmp/       a download in progress (removed at start-up: a crash leaves only this)
     state.json         {"current": N, "previous": M}, replaced atomically
 
-A new version is staged in `.incoming-*`, every file is checked against the manifest's size
-and sha256 (`fedkb_core.manifest.verify_files`), the folder is renamed to `v<N>` and only then does
-`state.json` switch to it, with one `os.replace`. A crash at any point leaves the old version
+A new version is staged in a temporary folder (`fedkb_core.durable.atomic_folder`), every file is
+checked against the manifest's size and sha256 (`fedkb_core.manifest.verify_files`), the folder is
+renamed to `v<N>` and only then does `state.json` switch to it, with one atomic replace. A crash at any point leaves the old version
 serving; a file that fails its checksum is deleted with its staging folder and the old version
 stays current. Listeners (the suggester) are told after a swap, so the trainable and the
 inference model of one version always change together.
@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime.client import DownloadTooLarge
 from fedkb_core.errors import FedkbError
-from fedkb_core.durable import fsync_dir
+from fedkb_core.durable import atomic_folder, atomic_write_json, remove_temps
 from fedkb_core.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
 
 _STATE = "state.json"
-_INCOMING = ".incoming-"
 
 
 class ModelRejected(FedkbError):
@@ -57,8 +54,7 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Path, Manifest], None]] = []
-        for stale in self.root.glob(_INCOMING + "*"):  # a download a crash interrupted
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_temps(self.root)  # a download (or a state.json write) a crash interrupted
 
     # State ----------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -69,12 +65,7 @@ class ModelStore:
             return {}
 
     def _write_state(self, current: int | None, previous: int | None) -> None:
-        tmp = self.root / f"{_STATE}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"current": current, "previous": previous}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / _STATE)
+        atomic_write_json(self.root / _STATE, {"current": current, "previous": previous}, indent=None)
 
     @property
     def current_version(self) -> int | None:
@@ -148,9 +139,8 @@ class ModelStore:
 
     def _install(self, manifest: Manifest, manifest_bytes: bytes, fill: Callable[[Path], None], *,
                  activate: bool) -> Manifest:
-        staging = self.root / f"{_INCOMING}{manifest.version}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        # replace: a folder already at v<N> is a leftover state.json does not list.
+        with atomic_folder(self.version_dir(manifest.version), replace=True, lock=self._lock) as staging:
             fill(staging)
             (staging / MANIFEST_FILE).write_bytes(manifest_bytes)  # last: a folder with a manifest is complete
             try:
@@ -158,16 +148,6 @@ class ModelStore:
             except ManifestError as err:
                 raise ModelRejected(f"version {manifest.version} rejected, keeping version "
                                     f"{self.current_version}: {err}") from None
-            fsync_dir(staging)
-            with self._lock:
-                final = self.version_dir(manifest.version)
-                if final.exists():
-                    shutil.rmtree(final)  # a leftover not listed in state.json
-                os.rename(staging, final)
-                fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         log.info("model version %d downloaded and verified", manifest.version)
         if activate:
             self.activate(manifest.version)

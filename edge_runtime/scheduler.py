@@ -16,17 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import Eligibility, EligibilityPolicy, can_continue, check
+from fedkb_core.durable import atomic_write, remove_temps
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class JobOutcome:
 
 
 class CheckpointStore:
-    """One job checkpoint in one safetensors file, replaced atomically (tmp, fsync, rename).
+    """One job checkpoint in one safetensors file, replaced atomically (`fedkb_core.durable`).
 
     A crash while writing leaves the previous checkpoint (or none), never half of one.
     """
@@ -98,11 +98,8 @@ class CheckpointStore:
         meta = {**{k: str(v) for k, v in dataclasses.asdict(checkpoint.key).items()},
                 "next_step": str(checkpoint.next_step), "total_steps": str(checkpoint.total_steps),
                 "losses": json.dumps(list(checkpoint.losses))}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.tensors.items()}, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, save({k: np.ascontiguousarray(v) for k, v in checkpoint.tensors.items()},
+                                     metadata=meta))
 
     def load(self) -> Checkpoint | None:
         """The checkpoint, or None when there is none or it is unreadable (then it is removed)."""
@@ -124,7 +121,7 @@ class CheckpointStore:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+        remove_temps(self.path.parent, self.path.name)
 
 
 class Scheduler:

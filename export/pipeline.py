@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from export.rewrite import MANIFEST_KEY as REWRITE_KEY
 from export.rewrite import convert_rewritable
 from export.trainable import TrainableLM
 from fedkb_core import manifest as mf
+from fedkb_core.durable import atomic_file, atomic_write
 from fedkb_core.errors import FedkbError
 from model.config import ModelConfig
 from model.weights import Weights, check_weights, initial_weights, save_weights, weight_specs
@@ -27,15 +27,6 @@ from model.weights import Weights, check_weights, initial_weights, save_weights,
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def signature_table(config: ModelConfig) -> dict:
@@ -97,9 +88,10 @@ def export_model(*, tokenizer_path: Path, out_dir: Path, config: ModelConfig, we
             data, rewrite_maps[name] = convert_rewritable(convert, weights)
         except ValueError as err:  # the converter folded or merged a weight beyond recognition
             raise FedkbError(f"{name}: weights cannot be mapped for rewriting ({err})") from err
-        _write_atomic(out_dir / name, data)
+        atomic_write(out_dir / name, data)
     if Path(tokenizer_path).resolve() != (out_dir / mf.TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_path, out_dir / mf.TOKENIZER_FILE)
+        with open(tokenizer_path, "rb") as src, atomic_file(out_dir / mf.TOKENIZER_FILE) as dst:
+            shutil.copyfileobj(src, dst)
     save_weights(out_dir / WEIGHTS_FILE, weights, metadata={"version": str(version)})
 
     # weights.safetensors sits beside the manifest for the server (it aggregates in numpy) but is

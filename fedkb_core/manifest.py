@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from fedkb_core.errors import FedkbError
-from fedkb_core.durable import sha256_file
+from fedkb_core.durable import atomic_write_json, sha256_file
 from fedkb_core.wire import WeightSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -111,13 +111,7 @@ def load_manifest(model_dir: Path | str) -> Manifest:
 
 def write_manifest(model_dir: Path | str, manifest: Manifest) -> Path:
     """Write manifest.json atomically (it is the last file of a version to appear)."""
-    import os
-
-    path = Path(model_dir) / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(model_dir) / MANIFEST_FILE, manifest.to_json())
 
 
 def verify_files(model_dir: Path | str, manifest: Manifest) -> None:

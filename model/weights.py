@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from fedkb_core.durable import atomic_write
 from fedkb_core.errors import FedkbError
 from fedkb_core.wire import WeightSpec
 from model.config import ModelConfig
@@ -71,7 +72,7 @@ def check_weights(weights: Weights, config: ModelConfig, *, where: str = "weight
 
 
 def save_weights(path: Path | str, weights: Weights, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path), metadata=metadata)
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=metadata))
 
 
 def load_weights(path: Path | str, config: ModelConfig | None = None) -> Weights:

@@ -8,10 +8,9 @@ Round 0 is the initial model, evaluated before any training.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
+from fedkb_core.durable import atomic_write_json
 from model.metrics import EvalResult  # noqa: F401  (re-exported: the report's eval entries)
 
 EVAL_KEYS = ("token_perplexity", "word_perplexity", "top1", "top3")
@@ -54,11 +53,7 @@ def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | Non
 
 def write_report(out: Path, report: dict) -> Path:
     """Write report.json atomically."""
-    path = Path(out) / "report.json"
-    tmp = path.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(out) / "report.json", report)
 
 
 def plot_report(out_png: Path, series: dict[str, dict], *, baseline: dict | None = None,

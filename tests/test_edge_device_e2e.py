@@ -23,6 +23,7 @@ from edge_runtime.client import RetryPolicy, ServerClient
 from edge_runtime.device import CREDENTIALS_FILE, CycleReport, Device, DeviceConfig, next_delay
 from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import EligibilityPolicy
+from fedkb_core.durable import leftover_temps
 from fedkb_core.manifest import load_manifest, verify_files
 from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
 from tests.fixtures_edge import FaultProxy, Typist, edge_model, state, text_file, user_lines  # noqa: F401
@@ -84,7 +85,7 @@ def models_state(home: Path) -> dict:
 
 def no_leftovers(home: Path) -> bool:
     models = home / "models"
-    return not models.exists() or not any(p.name.startswith(".incoming-") for p in models.iterdir())
+    return not leftover_temps(models)
 
 
 # The CLI ----------------------------------------------------------------------------------
@@ -240,16 +241,36 @@ def _device(url: str, home: Path, provider, **config) -> Device:
     return device
 
 
+_renames: list[tuple[str, str]] | None = None
+
+
+def _record_rename(event: str, args: tuple) -> None:
+    if event == "os.rename" and _renames is not None:  # os.replace raises this audit event too
+        _renames.append((os.fsdecode(args[0]), os.fsdecode(args[1])))
+
+
+sys.addaudithook(_record_rename)  # audit hooks cannot be removed; it records only while _renames is set
+
+
 def test_an_update_survives_a_long_outage_in_the_outbox(serve, proxies, text_file, tmp_path):
+    global _renames
     server = serve()
     proxy = proxies(server.url)
     device = _device(proxy.url, tmp_path / "phone", ScriptedDeviceState(state()))
+    outbox = tmp_path / "phone" / "outbox"
     try:
         device.import_text(text_file)
         proxy.fail_uploads = 2  # every attempt of this cycle fails
-        report = device.run_once()
+        _renames = []
+        try:
+            report = device.run_once()
+            into_outbox = [Path(dst).name for _, dst in _renames if Path(dst).parent == outbox]
+        finally:
+            _renames = None
         assert report.action == "upload_failed" and report.round_id == 1
-        assert [p.name for p in (tmp_path / "phone" / "outbox").glob("*.safetensors")] == ["1.safetensors"]
+        # The body is in place before its record: a record never describes a body that is not there.
+        assert into_outbox == ["1.safetensors", "1.json"]
+        assert [p.name for p in outbox.glob("*.safetensors")] == ["1.safetensors"]
         assert status(server.url)["totals"]["accepted"] == 0
 
         before = len(proxy.requests)

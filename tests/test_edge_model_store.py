@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from edge_runtime.client import RetryPolicy, ServerClient, ServerError
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.suggester import LiveSuggester
+from fedkb_core.durable import leftover_temps, temp_path
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
                             load_manifest, sha256_file, verify_files)
@@ -66,7 +67,7 @@ def retrained(edge_model, tmp_path_factory):
 
 
 def _leftovers(store: ModelStore) -> list[str]:
-    return sorted(p.name for p in store.root.iterdir() if p.name.startswith(".incoming-"))
+    return [p.name for p in leftover_temps(store.root)]
 
 
 def _versions_on_disk(store: ModelStore) -> list[str]:
@@ -231,7 +232,7 @@ def test_install_without_activation_keeps_the_current_version(store, edge_model,
 
 
 def test_a_download_cut_short_by_a_crash_is_cleaned_up_at_start(store, edge_model):
-    staging = store.root / ".incoming-2-deadbeef"
+    staging = temp_path(store.root / "v2")  # the name a download stages under
     staging.mkdir()
     (staging / TRAINABLE_FILE).write_bytes((edge_model / TRAINABLE_FILE).read_bytes()[:1000])
     half = store.root / "v2"  # renamed but never made current (no manifest yet either)
