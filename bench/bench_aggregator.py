@@ -1,5 +1,9 @@
-"""Aggregator benchmark: sustained accepted updates/s for a ~1M-parameter float32 update.
+"""Aggregator benchmark: sustained accepted updates/s for a full float32 update of the real model.
 
+The model is a real export at the default size (V=8000, E=96, H=256: 1.16M parameters), made in a
+temporary folder the way an operator makes one, `fedkb data prepare --dataset shakespeare` then
+`fedkb export` (~15 s; or --model DIR). So publishing a version does what it does in production:
+the flatbuffer weight rewrite of trainable.tflite and the int8 re-quantization of inference.tflite.
 Starts a real `fedkb serve` on loopback and drives it with many concurrent clients (threads with
 their own HTTP sessions); every client checks in, gets a task and uploads a full float32 update.
 Prints, per configuration:
@@ -7,7 +11,8 @@ Prints, per configuration:
     - the server's peak RSS with 10 and with 1,000 updates per round (must not grow with the count);
     - the ratio of the time per accepted update to a bare numpy add of the same update (the floor
       of any streaming sum) and to an fsync'd write of its bytes (the floor of a durable accept);
-    - the time from a round's last accepted update to its new version being downloadable;
+    - the time from a round's last accepted update to its new version being downloadable (its
+      manifest served and every file in it downloaded), and the server's own publish time;
     - where the CPU went while the clients ran: the server's and the load generator's CPU time per
       accepted update (the load generator shares the machine with the server, so it is part of
       what is measured), the rate at which the two would keep every core busy, and how many cores
@@ -19,6 +24,7 @@ Prints, per configuration:
 Usage:
     python bench/bench_aggregator.py                 # both round sizes, 1 process and 2 gunicorn workers
     python bench/bench_aggregator.py --updates 300 --clients 8 --quick
+    python bench/bench_aggregator.py --model runs/model   # reuse an export (its manifest's shapes)
 """
 
 from __future__ import annotations
@@ -45,9 +51,6 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# ~1.05M float32 parameters in the shapes of a small next-word LSTM (vocab 4000).
-SHAPES = {"embedding": (4000, 96), "lstm/kernel": (96, 1024), "lstm/recurrent_kernel": (256, 1024),
-          "lstm/bias": (1024,), "dense/kernel": (256, 1000), "dense/bias": (1000,)}
 SECRET, ADMIN = "bench-secret", "bench-admin"
 
 
@@ -81,10 +84,22 @@ class UpdateFactory:
         return struct.pack("<Q", len(header)) + header + self.data
 
 
-def _write_model(root: Path, factory: UpdateFactory) -> Path:
-    from tests.fixtures_aggregator import make_weights_model
+def _fedkb(*args: str) -> None:
+    """Run one `fedkb` command as an operator would (its output goes to this one's)."""
+    subprocess.run([sys.executable, "-m", "fedkb", "--quiet", *args], cwd=REPO, check=True)
 
-    return make_weights_model(root / "model", SHAPES, seed=1)
+
+def export_default_model(root: Path) -> Path:
+    """A default-size model version with its TFLite files, exported into `root`."""
+    _fedkb("data", "prepare", "--dataset", "shakespeare", "--out", str(root / "data"))
+    _fedkb("export", "--data", str(root / "data"), "--out", str(root / "model"))
+    return root / "model"
+
+
+def model_shapes(model: Path) -> dict[str, tuple[int, ...]]:
+    from fedkb_core.manifest import load_manifest
+
+    return {w.name: tuple(w.shape) for w in load_manifest(model).weights}
 
 
 class Server:
@@ -237,12 +252,13 @@ def _drive(url: str, factory: UpdateFactory, *, updates: int, clients: int, serv
 
 
 def _time_to_download(url: str, version: int, since: float) -> float:
-    """Seconds from `since` (perf_counter of the last accept) until version `version` is served."""
+    """Seconds from `since` (perf_counter of the last accept) until version `version` is served:
+    its manifest, then every file it lists, downloaded as a device would."""
     while True:
         manifest = requests.get(f"{url}/v1/models/latest").json()
         if manifest["version"] >= version:
-            name = next(iter(manifest["files"]))
-            requests.get(f"{url}/v1/models/{manifest['version']}/{name}").raise_for_status()
+            for name in manifest["files"]:
+                requests.get(f"{url}/v1/models/{manifest['version']}/{name}").raise_for_status()
             return time.perf_counter() - since
         time.sleep(0.005)
 
@@ -277,6 +293,7 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
         versions = 1 + updates // goal
         download = _time_to_download(server.url, versions, result["last_accept"])
         status = requests.get(f"{server.url}/v1/status").json()
+        latest = requests.get(f"{server.url}/v1/models/latest").json()["files"]
         rss_peak = server.peak_rss_mb()
     finally:
         server.stop()
@@ -284,6 +301,9 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
     per_update = result["wall"] / result["accepted"]
     publish = [r["publish_seconds"] for r in status["rounds"] if r["publish_seconds"] is not None]
     n = result["accepted"]
+    initial = json.loads((model / "manifest.json").read_text())["files"]
+    rewritten = sorted(name for name in initial if name.endswith(".tflite")
+                       and latest.get(name, {}).get("sha256") != initial[name]["sha256"])
     return {
         "goal_clients": goal, "workers": workers, "clients": clients, "accepted": result["accepted"],
         "refused": result["refused"], "updates_per_s": result["accepted"] / result["wall"],
@@ -293,6 +313,7 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
         "x_numpy_add": per_update / floors["numpy_add_s"], "x_fsync_write": per_update / floors["fsync_write_s"],
         "last_accept_to_downloadable_s": download,
         "publish_s_median": statistics.median(publish) if publish else None,
+        "tflite_rewritten": rewritten,
         "versions_published": status["model_version"] - 1,
         "server_cpu_ms_per_update": 1000 * result["server_cpu_s"] / n,
         "client_cpu_ms_per_update": 1000 * result["client_cpu_s"] / n,
@@ -306,14 +327,23 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", type=int, default=1000, help="uploads per configuration")
     parser.add_argument("--clients", type=int, default=16, help="concurrent client threads")
     parser.add_argument("--quick", action="store_true", help="one process only, skip the gunicorn case")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a folder written by `fedkb export` (default: export the default size in a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    factory = UpdateFactory(SHAPES)
     with tempfile.TemporaryDirectory(prefix="fedkb-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model = _write_model(tmp, factory)
+        if args.model is None:
+            started = time.perf_counter()
+            model = export_default_model(tmp)
+            print(f"exported the default-size model with `fedkb export` in {time.perf_counter() - started:.0f} s")
+        else:
+            model = args.model
+        factory = UpdateFactory(model_shapes(model))
+        files = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(model.glob("*.tflite")))
         floors = _floors(factory, tmp)
+        print(f"model {model}: {files or 'NO TFLite files (the publish then rewrites none)'}")
         print(f"update: {factory.num_params:,} float32 parameters ({len(factory.data) / 1e6:.1f} MB); "
               f"numpy add {1000 * floors['numpy_add_s']:.2f} ms, fsync'd write {1000 * floors['fsync_write_s']:.1f} ms")
         cases = [(10, 1), (args.updates, 1)] + ([] if args.quick else [(args.updates, 2)])
@@ -327,7 +357,8 @@ def main(argv=None) -> int:
                   f"p99 {r['p99_ms']:.0f} ms, peak RSS {r['rss_peak_mb']:.0f} MB (idle {r['rss_idle_mb']:.0f}), "
                   f"{r['x_numpy_add']:.0f}x numpy add, {r['x_fsync_write']:.2f}x fsync'd write; "
                   f"last accept -> v{r['versions_published'] + 1} downloadable {r['last_accept_to_downloadable_s']:.3f} s "
-                  f"(publish {r['publish_s_median']:.3f} s); refused {r['refused'] or 'none'}")
+                  f"(publish {r['publish_s_median']:.3f} s, rewrote {', '.join(r['tflite_rewritten']) or 'no TFLite file'}); "
+                  f"refused {r['refused'] or 'none'}")
             phases = ", ".join(f"{k} {v:.1f}" for k, v in r["client_ms_per_update"].items())
             cpu_ms = r["server_cpu_ms_per_update"] + r["client_cpu_ms_per_update"]
             print(f"    CPU per accepted update: server {r['server_cpu_ms_per_update']:.1f} ms + load generator "
