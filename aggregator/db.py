@@ -27,6 +27,7 @@ from flask import Flask, current_app, g
 
 from aggregator.rounds import ACTIVE_STATES, RoundRecord
 from fedkb_core.durable import fsync_dir
+from fedkb_core.protocol import INT64_MAX
 
 DB_FILE = "fedkb.sqlite"
 
@@ -302,6 +303,9 @@ def _round(row) -> RoundRecord | None:
 
 
 def get_round(conn, round_id: int) -> RoundRecord | None:
+    """The round, or None (also for an id no SQLite integer can be, such as one from a URL)."""
+    if not 0 <= round_id <= INT64_MAX:
+        return None
     return _round(conn.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone())
 
 
@@ -361,18 +365,32 @@ def update_norms(conn, round_id: int, limit: int = 2000) -> list[float]:
                                        (round_id, limit))]
 
 
+# Counters saturate at 2^53: exact as a JSON number in any reader (a browser's too), far above
+# anything real (9 PB of uploads), and no sum of them can overflow SQLite's 64-bit SUM().
+COUNTER_CAP = 1 << 53
+
+
+def _counter(value) -> int:
+    """A stored counter or a sum of them, as a bounded int (rows written before the cap existed
+    may hold anything up to 2^63 - 1; `TOTAL()` adds them as floats, which never overflows)."""
+    return int(min(max(value or 0, 0), COUNTER_CAP))
+
+
 def count_rejection(conn, round_id: int, reason: str, size: int) -> None:
+    """Count one refused request and the bytes actually read of it (never a claimed length)."""
+    size = _counter(size)
     conn.execute("INSERT INTO rejections (round_id, reason, count, bytes) VALUES (?, ?, 1, ?) "
-                 "ON CONFLICT (round_id, reason) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes",
-                 (round_id, reason, size))
+                 "ON CONFLICT (round_id, reason) DO UPDATE SET count = MIN(count + 1, ?), "
+                 "bytes = MIN(bytes + excluded.bytes, ?)",
+                 (round_id, reason, size, COUNTER_CAP, COUNTER_CAP))
 
 
 def rejections(conn, round_id: int | None = None) -> dict[str, int]:
     if round_id is None:
-        rows = conn.execute("SELECT reason, SUM(count) FROM rejections GROUP BY reason")
+        rows = conn.execute("SELECT reason, TOTAL(count) FROM rejections GROUP BY reason")
     else:
         rows = conn.execute("SELECT reason, count FROM rejections WHERE round_id = ?", (round_id,))
-    return {r[0]: int(r[1]) for r in rows}
+    return {r[0]: _counter(r[1]) for r in rows}
 
 
 # Versions.
@@ -394,14 +412,16 @@ def versions(conn, limit: int = 50) -> list[dict]:
 
 
 def set_eval(conn, version: int, eval_json: str) -> bool:
+    if not 0 <= version <= INT64_MAX:
+        return False
     return conn.execute("UPDATE versions SET eval_json = ? WHERE version = ?", (eval_json, version)).rowcount == 1
 
 
 def totals(conn) -> dict:
     """Counters since the state directory was created (for /metrics)."""
-    accepted, accepted_bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM updates").fetchone()
-    rejected_bytes = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM rejections").fetchone()[0]
+    accepted, accepted_bytes = conn.execute("SELECT COUNT(*), TOTAL(bytes) FROM updates").fetchone()
+    rejected_bytes = conn.execute("SELECT TOTAL(bytes) FROM rejections").fetchone()[0]
     outcomes = {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM rounds GROUP BY state")}
     devices = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
-    return {"accepted": int(accepted), "bytes_received": int(accepted_bytes) + int(rejected_bytes),
+    return {"accepted": int(accepted), "bytes_received": _counter(_counter(accepted_bytes) + _counter(rejected_bytes)),
             "rounds": outcomes, "devices": int(devices)}

@@ -20,6 +20,10 @@ import math
 from typing import Any
 
 
+# SQLite's integers, and what any id or count in a message must fit.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 class ProtocolError(ValueError):
     """A JSON body that does not have the fields and types a message needs."""
 
@@ -33,12 +37,31 @@ def _require(body: Any, name: str, kind, *, where: str, optional: bool = False, 
         raise ProtocolError(f"{where}: missing field {name!r}")
     value = body[name]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = json_float(value)
+        if value is None:
+            raise ProtocolError(f"{where}: field {name!r} must be finite")
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ProtocolError(f"{where}: field {name!r} must be {getattr(kind, '__name__', kind)}")
     if kind is float and not math.isfinite(value):
         raise ProtocolError(f"{where}: field {name!r} must be finite")
+    if kind is int and not INT64_MIN <= value <= INT64_MAX:
+        raise ProtocolError(f"{where}: field {name!r} is out of range")
     return value
+
+
+def json_float(value: object) -> float | None:
+    """A JSON number as a finite float, or None (not a number, a bool, or beyond float range).
+
+    JSON has no size limit on numbers: Python parses a 400-digit literal as an int, and `float()`
+    of it raises OverflowError instead of giving a number a message can refuse.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +171,30 @@ class CheckinResponse:
             return cls(action, retry_after=_require(body, "retry_after", float, where="checkin response"),
                        reason=_require(body, "reason", str, where="checkin response", optional=True))
         raise ProtocolError(f"checkin response: unknown action {action!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRequest:
+    """An operator attaches evaluation metrics to a version: `{"model_version": v, "eval": {...}}`."""
+
+    model_version: int
+    eval: dict[str, float]
+
+    @classmethod
+    def from_json(cls, body: Any) -> "EvaluationRequest":
+        w = "evaluation"
+        version = _require(body, "model_version", int, where=w)
+        raw = _require(body, "eval", dict, where=w)
+        if len(raw) > 100:
+            raise ProtocolError(f"{w}: at most 100 metrics, got {len(raw)}")
+        metrics = {}
+        for key, value in raw.items():
+            number = json_float(value)
+            if len(key) > 100 or number is None:
+                raise ProtocolError(f"{w}: metric {key[:100]!r} must be named in at most 100 characters "
+                                    "and be a finite number")
+            metrics[key] = value if isinstance(value, int) and abs(value) <= 1 << 53 else number
+        return cls(model_version=version, eval=metrics)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,15 +15,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 
 import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from fedkb_core.protocol import INT64_MAX
+
 ENCODINGS = ("float32", "float16", "int8")
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
 _MAX_HEADER_BYTES = 1 << 20
+
+# Canonical forms, ASCII only (`[0-9]`, never `\d`, which also matches other scripts' digits):
+# what `str(int)` and `repr(float)` write, and nothing else.
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]{1,3})?")
 
 
 def max_update_bytes(num_params: int) -> int:
@@ -99,22 +107,93 @@ def encode_update(deltas: dict[str, np.ndarray], metadata: UpdateMetadata) -> by
     return _st_save(tensors, metadata=meta)
 
 
+def parse_decimal(text: object) -> int:
+    """A non-negative integer written canonically: ASCII digits, no sign, whitespace, underscore
+    or leading zero (except "0" itself), at most int64.
+
+    Python's `int()` also takes " 7 ", "1_0", "+5" and Arabic-Indic "١٢"; two parsers of one
+    field must never disagree on what a device said.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text) or int(text) > INT64_MAX:
+        raise ValueError(f"not a canonical decimal integer: {text!r:.40}")
+    return int(text)
+
+
+def parse_float(text: object) -> float:
+    """A finite float written plainly, as `repr(float)` writes one ("0.5", "-1e-05", "3.0").
+
+    Refuses whitespace, underscores, a leading "+", non-ASCII digits, "nan", "inf" and values that
+    overflow to infinity.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(text, str) or not _FLOAT.fullmatch(text):
+        raise ValueError(f"not a plain decimal number: {text!r:.40}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r:.40}")
+    return value
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads` hook: an object that names a key twice is refused (JSON says "should be
+    unique"; Python and safetensors would keep the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise UpdateRejected("malformed_update", f"safetensors header names {key!r:.80} twice")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str):
+    raise UpdateRejected("malformed_update", f"safetensors header contains {name}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
+
+
+def _check_tensor_entry(name: str, info: object) -> None:
+    """One tensor's header entry: {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [a, b]}."""
+    if not isinstance(info, dict):
+        raise UpdateRejected("malformed_update", f"tensor {name!r:.80} has no shape/dtype in the header")
+    shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise UpdateRejected("malformed_update", f"tensor {name!r:.80} has no string dtype")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+        raise UpdateRejected("malformed_update", f"tensor {name!r:.80} has shape {shape!r:.80}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise UpdateRejected("malformed_update", f"tensor {name!r:.80} has no [begin, end] data_offsets")
+
+
 def read_header(body: bytes) -> tuple[dict, dict[str, str], int]:
-    """Parse a safetensors header without touching tensor data: (tensors, metadata, data offset)."""
+    """Parse a safetensors header without touching tensor data: (tensors, metadata, data offset).
+
+    Checks the header's structure strictly (unique keys, every tensor entry well formed, metadata
+    string to string), so code that reads it later needs no defensive conversions.
+    """
     if len(body) < 8:
         raise UpdateRejected("malformed_update", "body is too short to be safetensors")
     (n,) = struct.unpack("<Q", body[:8])
     if n > _MAX_HEADER_BYTES or 8 + n > len(body):
         raise UpdateRejected("malformed_update", f"safetensors header length {n} does not fit the body")
     try:
-        header = json.loads(body[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(bytes(body[8 : 8 + n]), object_pairs_hook=_unique_object,
+                            parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
         raise UpdateRejected("malformed_update", f"safetensors header is not JSON ({err})") from None
     if not isinstance(header, dict):
         raise UpdateRejected("malformed_update", "safetensors header is not an object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise UpdateRejected("malformed_update", "safetensors metadata is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UpdateRejected("malformed_update", "safetensors metadata is not an object of strings")
+    for name, info in header.items():
+        _check_tensor_entry(name, info)
     return header, metadata, 8 + n
 
 
@@ -124,13 +203,17 @@ def _parse_metadata(raw: dict[str, str]) -> UpdateMetadata:
     if missing:
         raise UpdateRejected("malformed_update", f"metadata lacks {', '.join(missing)}")
     try:
+        num_examples = parse_decimal(raw["num_examples"])
+    except ValueError as err:
+        raise UpdateRejected("bad_num_examples", f"num_examples must be a positive count ({err})") from None
+    try:
         meta = UpdateMetadata(
-            round_id=int(raw["round_id"]),
-            model_version=int(raw["model_version"]),
+            round_id=parse_decimal(raw["round_id"]),
+            model_version=parse_decimal(raw["model_version"]),
             device_id=str(raw["device_id"]),
-            num_examples=int(raw["num_examples"]),
-            clip_norm=float(raw["clip_norm"]),
-            update_norm=float(raw["update_norm"]),
+            num_examples=num_examples,
+            clip_norm=parse_float(raw["clip_norm"]),
+            update_norm=parse_float(raw["update_norm"]),
             encoding=str(raw["encoding"]),
         )
     except (TypeError, ValueError) as err:
@@ -162,8 +245,6 @@ def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | N
     want_dtype = _ST_DTYPES[meta.encoding]
     for name, info in header.items():
         spec = expected[name]
-        if not isinstance(info, dict) or "shape" not in info or "dtype" not in info:
-            raise UpdateRejected("malformed_update", f"tensor {name!r} has no shape/dtype in the header")
         if tuple(info["shape"]) != spec.shape:
             raise UpdateRejected("weight_mismatch", f"tensor {name!r} has shape {tuple(info['shape'])}, expected {spec.shape}")
         if info["dtype"] != want_dtype:

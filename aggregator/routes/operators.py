@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 
 from flask import Blueprint, Response, jsonify
@@ -16,8 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import db
 from aggregator.dashboard import DASHBOARD_HTML
-from aggregator.errors import BadRequest, Conflict, NotFound
+from aggregator.errors import Conflict, NotFound
 from aggregator.routes import json_body, require_admin, server
+from fedkb_core.protocol import EvaluationRequest
 
 bp = Blueprint("operators", __name__)
 
@@ -102,11 +102,8 @@ def post_evaluation():
     :raise 404: unknown version (`unknown_version`).
     """
     require_admin()
-    body = json_body()
-    version, metrics_ = body.get("model_version"), body.get("eval")
-    if not isinstance(version, int) or isinstance(version, bool) or not isinstance(metrics_, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics_.values()):
-        raise BadRequest('expected {"model_version": int, "eval": {name: finite number, ...}}')
+    evaluation = EvaluationRequest.from_json(json_body())
+    version, metrics_ = evaluation.model_version, evaluation.eval
     conn = db.get_db()
     with db.transaction(conn):
         if not db.set_eval(conn, version, json.dumps(metrics_)):

@@ -87,6 +87,7 @@ def upload(round_id: int):
     start = time.perf_counter()
     state, conn = server(), db.get_db()
     known_round = 0  # rejections against an unknown round are counted under round 0
+    body = b""  # what was actually read: the only byte count a rejection adds (never the claim)
     try:
         device_id = authenticate_device()
         round_ = db.get_round(conn, round_id)
@@ -96,6 +97,8 @@ def upload(round_id: int):
         if not db.has_task(conn, round_id, device_id):
             raise Forbidden(f"device {device_id} holds no task for round {round_id}", code="no_task")
         body = _read_bounded_body(update_size_limit(state.config, sum(w.size for w in state.store.specs(round_.model_version))))
+        if len(body) != request.content_length:
+            raise BadRequest(f"body ended after {len(body)} of {request.content_length} bytes", code="malformed_update")
 
         existing = db.find_update(conn, round_id, device_id)
         if existing is not None:
@@ -121,7 +124,7 @@ def upload(round_id: int):
         except _Duplicate as twin:
             return _duplicate(twin.row, body_sha256)
     except (ApiError, UpdateRejected) as err:
-        _count_rejection(conn, known_round, err.code, request.content_length or 0)
+        _count_rejection(conn, known_round, err.code, len(body))
         raise
     state.worker.wake()
     state.metrics.request_seconds.labels("upload").observe(time.perf_counter() - start)
@@ -132,15 +135,14 @@ def upload(round_id: int):
 
 
 def _read_bounded_body(limit: int) -> bytes:
+    """The body, read only once its declared length is within `limit`; shorter if the client
+    stopped sending early (the caller compares)."""
     length = request.content_length
     if length is None:
         raise LengthRequired("an update needs a Content-Length header")
     if length > limit:
         raise PayloadTooLarge(f"update of {length} bytes exceeds this round's limit of {limit}")
-    body = _read_exactly(request.environ["wsgi.input"], length)
-    if len(body) != length:
-        raise BadRequest(f"body ended after {len(body)} of {length} bytes", code="malformed_update")
-    return body
+    return _read_exactly(request.environ["wsgi.input"], length)
 
 
 def _read_exactly(stream, length: int) -> bytes:
