@@ -356,8 +356,13 @@ def add_update(conn, *, round_id: int, device_id: str, num_examples: int, update
 
 
 def updates_after(conn, round_id: int, after_id: int, limit: int) -> list:
-    return conn.execute("SELECT id, blob, num_examples FROM updates WHERE round_id = ? AND id > ? ORDER BY id LIMIT ?",
-                        (round_id, after_id, limit)).fetchall()
+    return conn.execute("SELECT id, round_id, device_id, bytes, blob, num_examples FROM updates"
+                        " WHERE round_id = ? AND id > ? ORDER BY id LIMIT ?", (round_id, after_id, limit)).fetchall()
+
+
+def drop_update(conn, update_id: int) -> None:
+    """Forget an accepted update (its blob was quarantined): it no longer counts anywhere."""
+    conn.execute("DELETE FROM updates WHERE id = ?", (update_id,))
 
 
 def update_norms(conn, round_id: int, limit: int = 2000) -> list[float]:

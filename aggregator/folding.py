@@ -40,13 +40,15 @@ from aggregator import db
 from aggregator.fedavg import ClippedSum, WeightedSum
 from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
-from aggregator.rounds import RoundRecord
-from fedkb_core.wire import WeightSpec, decode_update
+from aggregator.rounds import RoundRecord, state_after_quarantine
+from fedkb_core.wire import UpdateRejected, WeightSpec, decode_update
 
 log = logging.getLogger(__name__)
 
 INBOX_DIR = "inbox"
 SUMS_DIR = "sums"
+QUARANTINE_DIR = "quarantine"
+UNFOLDABLE = "unfoldable"  # the rejection reason of a quarantined blob
 LOCK_FILE = "folder.lock"
 
 
@@ -207,15 +209,11 @@ class Folder:
             for row in rows:
                 start = time.perf_counter()
                 path = self.state_dir / row["blob"]
-                raw = self._read_blob(path)
-                values = self._flat_float32(raw, specs, current.total.layout)
                 try:
-                    if values is None:
-                        raise ValueError("not the float32 layout of the sum")
-                    current.clipped.add_flat(values, row["num_examples"])
-                except ValueError:  # decode_update decodes any other encoding, or says what is wrong
-                    update = decode_update(bytes(raw), specs, max_examples=None)
-                    current.clipped.add(update.deltas, row["num_examples"])
+                    self._add_blob(current, path, specs, row["num_examples"])
+                except (UpdateRejected, ValueError, FileNotFoundError) as err:
+                    self._quarantine(conn, row, path, err)
+                    continue
                 current.last_folded_id = int(row["id"])
                 self._pending_delete.append(path)
                 self.fold_seconds += time.perf_counter() - start
@@ -223,6 +221,57 @@ class Folder:
         if self._pending_delete and (force_checkpoint or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval):
             self.checkpoint(conn)
         return folded
+
+    def _add_blob(self, current: RoundSum, path: Path, specs: list[WeightSpec], num_examples: int) -> None:
+        """Add one accepted blob to the sum; nothing is added if it raises.
+
+        Raises:
+            UpdateRejected, ValueError, FileNotFoundError: the blob is gone or no longer decodes
+                (damaged on disk since it was accepted).
+        """
+        raw = self._read_blob(path)
+        values = self._flat_float32(raw, specs, current.total.layout)
+        try:
+            if values is None:
+                raise ValueError("not the float32 layout of the sum")
+            current.clipped.add_flat(values, num_examples)
+        except ValueError:  # decode_update decodes any other encoding, or says what is wrong
+            update = decode_update(bytes(raw), specs, max_examples=None)
+            current.clipped.add(update.deltas, num_examples)
+
+    def _quarantine(self, conn, row, path: Path, err: Exception) -> None:
+        """Set aside an accepted blob that no longer folds, so its round goes on without it.
+
+        It was valid when accepted, so the disk changed under it. Raising would stop the round for
+        good: every pass would meet the same blob. Instead the blob moves to
+        `<state>/quarantine/<round>/` (kept for the operator), and one transaction drops its row,
+        counts it as rejected (`unfoldable`) and takes it off the round's accepted count, which
+        reopens a round it had closed (`rounds.state_after_quarantine`). The move comes first: a
+        crash before the commit leaves a row without a blob, which the next pass quarantines again.
+        """
+        round_id = int(row["round_id"])
+        folder = self.state_dir / QUARANTINE_DIR / str(round_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = folder / f"{int(row['id'])}-{path.name}"
+        try:
+            os.replace(path, kept)
+            fsync_dir(folder)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            kept = None  # gone already (or moved before a crash)
+        with db.transaction(conn):
+            fresh = db.get_round(conn, round_id)
+            db.drop_update(conn, int(row["id"]))
+            db.count_rejection(conn, round_id, UNFOLDABLE, int(row["bytes"]))
+            state = state_after_quarantine(fresh)
+            reopened = {"outcome": None} if state != fresh.state else {}  # the close is decided anew
+            db.update_round(conn, round_id, accepted=max(0, fresh.accepted - 1), state=state, **reopened)
+        if path in self._pending_delete:
+            self._pending_delete.remove(path)
+        log.error("accepted update no longer folds: quarantined",
+                  extra={"round_id": round_id, "update_id": int(row["id"]), "device_id": row["device_id"],
+                         "reason": UNFOLDABLE, "error": f"{type(err).__name__}: {err}"[:500],
+                         "kept": str(kept) if kept else None})
 
     def _read_blob(self, path: Path) -> memoryview:
         """The blob's bytes, read into a buffer reused from blob to blob (valid until the next call)."""

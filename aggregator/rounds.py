@@ -94,6 +94,18 @@ def state_after_accept(round_: RoundRecord) -> str:
     return CLOSING if round_.accepted + 1 >= round_.goal_clients else OPEN
 
 
+def state_after_quarantine(round_: RoundRecord) -> str:
+    """The state once one accepted update is set aside (its blob no longer folds).
+
+    A round that was closing opens again unless it still has its goal without that update; the
+    deadline rule then decides as for any open round (close with `min_clients`, else abandon), so
+    one damaged blob costs the round one update, never the round.
+    """
+    if round_.state == CLOSING and round_.accepted - 1 < round_.goal_clients:
+        return OPEN
+    return round_.state
+
+
 def retry_after(base: float, jitter: float, rng: random.Random | None = None) -> float:
     """base × U(1 − jitter, 1 + jitter), rounded to 10 ms."""
     r = (rng or random).uniform(1.0 - jitter, 1.0 + jitter)

@@ -131,6 +131,8 @@ class Worker:
         if round_.state == CLOSING:
             current = self.folder.current(round_.id)
             round_ = db.get_round(conn, round_.id)  # accepted is final once the round is closing
+            if round_.state != CLOSING:  # a quarantined blob reopened it (`rounds.state_after_quarantine`)
+                return True
             if current is not None and current.total.count == round_.accepted:
                 self._close(conn, round_)
                 return True

@@ -7,6 +7,7 @@ deleted) and check a fresh folder continues with exactly the accepted updates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -23,7 +24,7 @@ from aggregator.fedavg import ClippedSum, WeightedSum
 from aggregator.folding import Folder, write_blob
 from aggregator.rounds import OPEN, round_settings
 from aggregator.config import load_config
-from fedkb_core.wire import UpdateMetadata, UpdateRejected, WeightSpec, decode_update, encode_update
+from fedkb_core.wire import UpdateMetadata, WeightSpec, decode_update, encode_update
 from tests.fixtures_aggregator import (ADMIN, TINY_SHAPES, Device, ServeProcess, make_weights_model, random_deltas,
                                        status, wait_for)
 
@@ -286,19 +287,25 @@ def test_folder_decodes_other_encodings_like_the_device_path(round_db, encoding)
     _assert_sum(folder, round_, reference)
 
 
-def test_folder_refuses_a_blob_that_is_no_longer_finite(round_db):
-    """A blob is validated before it is accepted; if it were changed on disk, NaN never enters the sum."""
+def test_folder_quarantines_a_blob_that_is_no_longer_finite(round_db):
+    """A blob is validated before it is accepted; if it were changed on disk, NaN never enters the
+    sum: the blob is set aside, counted as `unfoldable`, and the next one still folds."""
     state, conn, round_ = round_db
     deltas = random_deltas(TINY_SHAPES, 90)
     deltas["dense/bias"][3] = np.nan
     meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id="nan", num_examples=5, clip_norm=0.8,
                           update_norm=0.0)
-    _write_accepted(state, conn, round_, "nan", encode_update(deltas, meta), 5)
+    body = encode_update(deltas, meta)
+    _write_accepted(state, conn, round_, "nan", body, 5)
+    good = random_deltas(TINY_SHAPES, 91)
+    _write_accepted(state, conn, round_, "good", encode_update(good, dataclasses.replace(meta, device_id="good")), 5)
     folder = Folder(state, checkpoint_interval=0.0)
-    with pytest.raises(UpdateRejected) as err:
-        folder.fold_pending(conn, round_, SPECS)
-    assert err.value.code == "non_finite"
-    assert folder.current(round_.id).total.count == 0 and np.all(folder.current(round_.id).total.flat == 0)
+    assert folder.fold_pending(conn, round_, SPECS) == 1
+    assert folder.current(round_.id).total.count == 1 and np.all(np.isfinite(folder.current(round_.id).total.flat))
+    assert db.rejections(conn, round_.id) == {"unfoldable": 1}
+    assert [r["device_id"] for r in conn.execute("SELECT device_id FROM updates")] == ["good"]
+    (kept,) = (state / "quarantine" / str(round_.id)).iterdir()
+    assert kept.read_bytes() == body
 
 
 def test_write_blob_leaves_one_complete_file_and_nothing_else(tmp_path):
