@@ -236,10 +236,9 @@ def test_crash_before_checkpoint_refolds_from_the_last_checkpoint(round_db):
     updates = [_accept(state, conn, round_, i) for i in range(2)]
     Folder(state, checkpoint_interval=0.0).fold_pending(conn, round_, SPECS)  # checkpointed
     updates += [_accept(state, conn, round_, i) for i in range(2, 5)]
-    lost = Folder(state, checkpoint_interval=1e9)  # folds in memory, never checkpoints: then "dies"
-    lost.load(round_, SPECS)
-    lost._last_checkpoint = float("inf")
-    lost.fold_pending(conn, round_, SPECS)
+    lost = Folder(state, checkpoint_interval=float("inf"))  # folds in memory, never checkpoints: then "dies"
+    assert lost.fold_pending(conn, round_, SPECS) == 3
+    assert db.get_round(conn, round_.id).folded == 2  # what survives it is the first checkpoint
 
     restarted = Folder(state, checkpoint_interval=0.0)
     restarted.fold_pending(conn, round_, SPECS)
@@ -260,7 +259,8 @@ def test_crash_after_checkpoint_before_blob_deletion_does_not_double_count(round
     restarted.fold_pending(conn, round_, SPECS)
     _assert_sum(restarted, round_, updates)
     assert not any((state / "inbox").rglob("*.safetensors"))  # the leftovers were cleaned, not folded
-    assert round_.state == OPEN
+    stored = db.get_round(conn, round_.id)
+    assert (stored.state, stored.folded) == (OPEN, len(updates))
 
 
 def _write_accepted(state, conn, round_, device_id, body, n):
