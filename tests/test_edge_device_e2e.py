@@ -361,11 +361,12 @@ def test_the_next_cycle_waits_as_the_last_one_ended(report, delay):
     assert next_delay(report, poll_seconds=30.0) == delay
 
 
-def test_suggestions_follow_the_model_the_device_fetches(serve, text_file, tmp_path):
+def test_suggestions_follow_the_model_the_device_fetches(serve, proxies, text_file, tmp_path):
     server = serve(goal_clients=1)  # one update closes a round and publishes the next version
+    proxy = proxies(server.url)
     home, prefix = tmp_path / "phone", "to be or not to"
     config = dict(policy=EligibilityPolicy(min_new_examples=0))
-    device = _device(server.url, home, ScriptedDeviceState(state()), **config)
+    device = _device(proxy.url, home, ScriptedDeviceState(state()), **config)
     try:
         assert (device.suggest(prefix), device.suggester.version) == ([], None)  # no model yet: an empty strip
         device.import_text(text_file)
@@ -374,11 +375,25 @@ def test_suggestions_follow_the_model_the_device_fetches(serve, text_file, tmp_p
         wait_for(lambda: (s := status(server.url))["model_version"] == 2 and (s["round"] or {}).get("id") == 2,
                  what="version 2 published and round 2 open")
 
-        # The keyboard keeps asking on its own thread while a cycle fetches version 2 and trains on it.
+        # The keyboard keeps asking on its own thread while a cycle fetches version 2 and trains on
+        # it. The download of version 2's inference model is held (in the proxy) until the keyboard
+        # has been served three more times, so those answers come while the swap is under way.
+        during_swap: dict = {}
         with Typist(lambda: device.suggest(prefix), device.suggester.reset) as typist:
+            def hold(body: bytes) -> bytes:
+                served = len(typist.results)
+                typist.wait_for_more(3)
+                during_swap.update(served=typist.results[served:], suggester=device.suggester.version,
+                                   staging=leftover_temps(home / "models"), installed=device.models.has_version(2))
+                return body
+
+            proxy.rewrite["/v1/models/2/inference.tflite"] = hold
             typist.wait_for_more()
             report = device.run_once()
         assert (report.action, report.model_version) == ("accepted", 2), report
+        assert during_swap.get("staging") and not during_swap["installed"], during_swap  # mid-download
+        assert during_swap["suggester"] == 1 and len(during_swap["served"]) >= 3
+        assert all(len(w) == 3 for w in during_swap["served"]), during_swap  # served, from version 1
         assert (device.suggester.version, device.models.current_version) == (2, 2)
         assert typist.errors == [] and typist.results and all(len(w) == 3 for w in typist.results)  # never blank
         assert len(device.suggest(prefix)) == 3
