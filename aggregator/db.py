@@ -102,12 +102,13 @@ CREATE TABLE IF NOT EXISTS rejections (
 """
 
 
-def connect(state_dir: Path) -> sqlite3.Connection:
-    """A connection in autocommit mode with WAL, full sync and a generous busy timeout."""
-    conn = sqlite3.connect(Path(state_dir) / DB_FILE, isolation_level=None, timeout=30.0, check_same_thread=False)
+def connect(state_dir: Path, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
+    """A connection in autocommit mode with WAL, full sync and a generous busy timeout (seconds)."""
+    conn = sqlite3.connect(Path(state_dir) / DB_FILE, isolation_level=None, timeout=busy_timeout,
+                           check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return conn
 
 
@@ -191,8 +192,9 @@ class GroupCommit:
     GroupCommit; SQLite's lock orders them as before.
     """
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, *, busy_timeout: float = 30.0):
         self.state_dir = Path(state_dir)
+        self.busy_timeout = busy_timeout  # how long BEGIN IMMEDIATE waits for another process's lock
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
         self._leading = False
@@ -228,9 +230,14 @@ class GroupCommit:
                 self._cond.notify_all()
         return work.outcome()
 
+    def pending(self) -> int:
+        """Writes queued for the next commit (they wait while another batch commits)."""
+        with self._cond:
+            return len(self._queue)
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never reuse a connection across fork
-            self._conn, self._pid = connect(self.state_dir), os.getpid()
+            self._conn, self._pid = connect(self.state_dir, busy_timeout=self.busy_timeout), os.getpid()
         return self._conn
 
     def _commit(self, batch: list[_Work]) -> None:

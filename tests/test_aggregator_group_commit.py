@@ -3,7 +3,6 @@ reported before the commit that holds it."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 
@@ -37,9 +36,10 @@ def _device_ids(state) -> set[str]:
 
 def test_waiting_writes_share_one_commit_and_each_gets_its_own_result(state):
     commits = db.GroupCommit(state)
-    release, results = threading.Event(), {}
+    leading, release, results = threading.Event(), threading.Event(), {}
 
     def first(conn):  # holds the leader's batch open while the others queue up
+        leading.set()
         release.wait(10)
         return _add_device("first")(conn)
 
@@ -48,11 +48,11 @@ def test_waiting_writes_share_one_commit_and_each_gets_its_own_result(state):
 
     threads = [threading.Thread(target=run, args=("first", first))]
     threads[0].start()
-    wait_for(lambda: commits._leading, what="the first write to lead")
+    assert leading.wait(10), "the first write never ran"
     threads += [threading.Thread(target=run, args=(f"d{i}", _add_device(f"d{i}"))) for i in range(8)]
     for t in threads[1:]:
         t.start()
-    wait_for(lambda: len(commits._queue) == 8, what="eight writes queued behind the leader")
+    wait_for(lambda: commits.pending() == 8, what="eight writes queued behind the leader")
     release.set()
     for t in threads:
         t.join(10)
@@ -65,9 +65,10 @@ def test_waiting_writes_share_one_commit_and_each_gets_its_own_result(state):
 
 def test_a_failing_write_is_undone_alone_and_raises_in_its_own_caller(state):
     commits = db.GroupCommit(state)
-    release, outcomes = threading.Event(), {}
+    leading, release, outcomes = threading.Event(), threading.Event(), {}
 
     def first(conn):
+        leading.set()
         release.wait(10)
         return _add_device("first")(conn)
 
@@ -83,11 +84,11 @@ def test_a_failing_write_is_undone_alone_and_raises_in_its_own_caller(state):
 
     threads = [threading.Thread(target=run, args=("first", first))]
     threads[0].start()
-    wait_for(lambda: commits._leading, what="the first write to lead")
+    assert leading.wait(10), "the first write never ran"
     for name, fn in (("a", _add_device("a")), ("bad", failing), ("b", _add_device("b"))):
         threads.append(threading.Thread(target=run, args=(name, fn)))
         threads[-1].start()
-        wait_for(lambda n=len(threads) - 1: len(commits._queue) == n, what=f"{name} queued")
+        wait_for(lambda n=len(threads) - 1: commits.pending() == n, what=f"{name} queued")
     release.set()
     for t in threads:
         t.join(10)
@@ -99,9 +100,7 @@ def test_a_failing_write_is_undone_alone_and_raises_in_its_own_caller(state):
 
 
 def test_when_the_shared_transaction_fails_every_caller_gets_the_error_and_nothing_is_written(state):
-    commits = db.GroupCommit(state)
-    commits._conn, commits._pid = db.connect(state), os.getpid()
-    commits._conn.execute("PRAGMA busy_timeout=50")
+    commits = db.GroupCommit(state, busy_timeout=0.05)
     blocker = db.connect(state)
     blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: BEGIN IMMEDIATE times out
     try:

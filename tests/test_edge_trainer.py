@@ -205,13 +205,37 @@ def _states(ok_steps: int, dropped):
     return ScriptedDeviceState.sequence([state()] * ok_steps + [dropped])
 
 
+class _OneSecondSteps:
+    """A job whose every step takes one second of a simulated clock (`now[0]`), so the device
+    state and the deadline can change between two given steps, however often the scheduler looks."""
+
+    def __init__(self, job: TrainingJob, now: list[float]):
+        self.job, self.now, self.key = job, now, job.key
+
+    @property
+    def total_steps(self) -> int:
+        return self.job.total_steps
+
+    def run_step(self, step: int) -> float:
+        loss = self.job.run_step(step)
+        self.now[0] += 1.0
+        return loss
+
+    def snapshot(self):
+        return self.job.snapshot()
+
+    def restore(self, tensors) -> None:
+        self.job.restore(tensors)
+
+
 def test_condition_drop_stops_the_job_before_the_next_step(model, global_weights, windows, tmp_path):
-    provider = _states(5, state(charging=False))
+    now = [0.0]
+    provider = ScriptedDeviceState([(0, state()), (4.5, state(charging=False))], clock=lambda: now[0])
     scheduler = _scheduler(tmp_path, provider)
-    outcome = scheduler.run(TrainingJob(model, global_weights, windows, _task(), seed=3))
+    outcome = scheduler.run(_OneSecondSteps(TrainingJob(model, global_weights, windows, _task(), seed=3), now))
     assert outcome.status == INTERRUPTED and outcome.reasons == (NOT_CHARGING,)
-    # The state is read before every step: 5 good reads ran 5 steps, the 6th read stopped it.
-    assert (outcome.next_step, outcome.steps_run, provider.calls) == (5, 5, 6)
+    # The charger went away during the fifth step (seconds 4 to 5): the sixth never started.
+    assert (outcome.next_step, outcome.steps_run) == (5, 5)
     assert len(outcome.losses) == 5
     checkpoint = scheduler.pending()
     assert checkpoint is not None and checkpoint.next_step == 5 and checkpoint.losses == outcome.losses
@@ -252,10 +276,11 @@ def test_a_job_past_its_deadline_is_abandoned(model, global_weights, windows, tm
 
 
 def test_the_deadline_passing_mid_job_abandons_it_cleanly(model, global_weights, windows, tmp_path):
-    provider = ScriptedDeviceState(state())
-    # Time moves one second per state read (one read per step); the deadline falls after step 4.
-    scheduler = _scheduler(tmp_path, provider, clock=lambda: NOW + provider.calls)
-    outcome = scheduler.run(TrainingJob(model, global_weights, windows, _task(deadline=NOW + 4.5), seed=0))
+    now = [0.0]
+    # One second per step; the deadline falls during the fifth step.
+    scheduler = _scheduler(tmp_path, ScriptedDeviceState(state()), clock=lambda: NOW + now[0])
+    job = _OneSecondSteps(TrainingJob(model, global_weights, windows, _task(deadline=NOW + 4.5), seed=0), now)
+    outcome = scheduler.run(job)
     assert (outcome.status, outcome.next_step, outcome.reasons) == (ABANDONED, 5, ("expired",))
     assert not (tmp_path / "job.safetensors").exists()
 

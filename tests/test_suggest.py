@@ -66,20 +66,29 @@ def test_suggest_returns_k_distinct_words(tiny_model, prefix, k):
 
 
 def test_suggestions_rank_words_as_the_numpy_reference(tiny_float_model, tiny_config):
-    # Same weights, same search: LiteRT's float step threaded through the Suggester's state must
-    # score words as the numpy model does (a swapped h/c would only show after the second piece).
+    # Same weights, same search: LiteRT's float step must score words as the numpy model does
+    # (a swapped h/c would only show after the second piece), and the Suggester, which threads
+    # that state from keystroke to keystroke, must rank what the straight run ranks.
     weights = load_weights(tiny_float_model / "weights.safetensors", tiny_config)
     suggester = Suggester(tiny_float_model)
     text = "to be or not to"
-    suggester.feed_text(text)
-    state = (np.zeros(tiny_config.lstm_units, np.float32),) * 2
+    state, numpy_state = suggester.stepper.zero_state(), (np.zeros(tiny_config.lstm_units, np.float32),) * 2
     for token in [2] + suggester.tokenizer.encode(text):  # BOS, then the pieces
-        logits, state = numpy_lm.step(weights, token, state)
+        logits, state = suggester.stepper(token, state)
+        numpy_logits, numpy_state = numpy_lm.step(weights, token, numpy_state)
 
-    got = top_words(suggester.stepper, suggester._state, suggester._logits, suggester.word_start, k=16)
-    want = top_words(lambda t, s: numpy_lm.step(weights, t, s), state, logits, suggester.word_start, k=16)
-
+    got = top_words(suggester.stepper, state, logits, suggester.word_start, k=16)
+    want = top_words(lambda t, s: numpy_lm.step(weights, t, s), numpy_state, numpy_logits, suggester.word_start, k=16)
     np.testing.assert_allclose([w.log_prob for w in got], [w.log_prob for w in want], atol=1e-4)
+
+    ranked = []  # the words of the straight run's ranking, as the strip shows them
+    for candidate in got:
+        word = suggester.tokenizer.decode(list(candidate.pieces)).strip()
+        if word and word not in ranked:
+            ranked.append(word)
+    for end in range(1, len(text)):  # typed one keystroke at a time
+        suggester.suggest(text[:end])
+    assert len(ranked) >= 5 and suggester.suggest(text, k=5) == ranked[:5]
 
 
 def test_longer_prefix_costs_only_the_new_pieces(counted):
