@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.windows import Windows
+from edge_runtime.litert_interpreter import create_interpreter
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import TRAINABLE_FILE, Manifest, load_manifest
 
@@ -44,17 +45,15 @@ class TrainableModel:
     """
 
     def __init__(self, model_dir: Path | str, *, num_threads: int = 1, manifest: Manifest | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir)
         path = self.model_dir / TRAINABLE_FILE
         if not path.is_file():
             raise FedkbError(f"{path}: trainable model not found")
-        try:  # LiteRT raises ValueError for a corrupt flatbuffer
-            self._interpreter = Interpreter(model_path=str(path), num_threads=int(num_threads))
+        try:  # LiteRT raises ValueError for a corrupt flatbuffer (RuntimeError if it cannot allocate)
+            self._interpreter = create_interpreter(path, num_threads=num_threads)
             available = self._interpreter.get_signature_list()
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise FedkbError(f"{path}: not a TFLite model ({err})") from None
         missing = [s for s in _SIGNATURES if s not in available]
         if missing:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.tokenizer import BOS_ID, load_tokenizer, word_start_table
+from edge_runtime.litert_interpreter import create_interpreter
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import INFERENCE_FILE, TOKENIZER_FILE, load_manifest
 from fedkb_core.next_words import top_words
@@ -21,14 +22,12 @@ class InferenceStepper:
     """One LiteRT interpreter running the `step(token, h, c)` signature."""
 
     def __init__(self, model_path: Path, *, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
         if not Path(model_path).is_file():
             raise FedkbError(f"{model_path}: inference model not found")
-        try:  # LiteRT raises ValueError for a corrupt flatbuffer or a missing signature
-            self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        try:  # ValueError: a corrupt flatbuffer or no `step` signature; RuntimeError: it cannot allocate
+            self._interpreter = create_interpreter(model_path, num_threads=num_threads)
             self._step = self._interpreter.get_signature_runner("step")
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise FedkbError(f"{model_path}: not an inference model with a `step` signature ({err})") from None
         self._lock = threading.Lock()  # a signature runner is not safe to call concurrently
         self.units = int(self._step.get_input_details()["h"]["shape"][1])
