@@ -20,6 +20,8 @@ import sys
 # command imports TensorFlow; an explicit setting in the environment wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
 from fedkb import __version__  # noqa: E402
 from fedkb_core.errors import FedkbError  # noqa: E402
 
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args.func(args) or 0)
+        # Log lines go through tqdm.write: printed above a live progress bar, not glued to its end.
+        with logging_redirect_tqdm():
+            return int(args.func(args) or 0)
     except FedkbError as err:
         print(f"fedkb {args.command}: error: {err}", file=sys.stderr)
         return 2
