@@ -224,8 +224,11 @@ def test_round_close_publishes_next_version_with_right_bytes(server, weights_mod
     for d, t, (deltas, n) in zip(devices[:3], tasks, updates, strict=True):
         assert d.upload(t.round_id, d.body(t, deltas, num_examples=n)).status_code == 200
 
-    s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and s, what="version 2")
-    assert s["rounds"][1]["state"] == "closed" and s["rounds"][1]["published_version"] == 2
+    # Version 2 is published before the next round opens: wait for both.
+    s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and (s["round"] or {}).get("id") == 2 and s,
+                 what="version 2 published and round 2 open")
+    (first,) = [r for r in s["rounds"] if r["id"] == tasks[0].round_id]
+    assert first["state"] == "closed" and first["published_version"] == 2
     assert s["round"]["model_version"] == 2 and s["round"]["state"] == "open"
     assert devices[3].task().model_version == 2  # the next check-in sees the new version
 
