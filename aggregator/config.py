@@ -42,6 +42,9 @@ class AggregatorConfig:
     goal_clients: int = 10
     over_selection: float = 1.3
     round_timeout: float = 600.0  # seconds from opening to the deadline
+    # Seconds a device has from taking a task to uploading before its slot may go to another
+    # device (None: a third of round_timeout). The task tells the device its `report_by` time.
+    report_window: float | None = None
 
     # Aggregation: re-clip every update to clip_norm, then server SGD on the weighted mean delta.
     clip_norm: float = 1.0
@@ -94,6 +97,8 @@ class AggregatorConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a positive number, got {value}")
+        if self.report_window is not None and not (math.isfinite(self.report_window) and self.report_window > 0):
+            problems.append(f"report_window must be a positive number of seconds, got {self.report_window}")
         if not (math.isfinite(self.checkpoint_interval) and self.checkpoint_interval >= 0):
             problems.append(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
         if self.server_optimizer not in ("sgd", "adam"):
@@ -127,6 +132,11 @@ class AggregatorConfig:
     def max_assigned(self) -> int:
         """How many devices one round hands tasks to: ceil(goal × over-selection)."""
         return math.ceil(self.goal_clients * self.over_selection - 1e-9)
+
+    @property
+    def task_report_window(self) -> float:
+        """Seconds from a task to its report-by time (`report_window`, else round_timeout / 3)."""
+        return self.report_window if self.report_window is not None else self.round_timeout / 3.0
 
     def public_json(self) -> dict:
         """The settings without the secrets (for /v1/status and logs)."""

@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     round_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     assigned_at REAL NOT NULL,
+    report_by REAL,
+    reclaimed_at REAL,
     PRIMARY KEY (round_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -119,8 +121,22 @@ def init_db(state_dir: Path) -> None:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
+        with transaction(conn):  # under the write lock: gunicorn workers may start together
+            _add_missing_columns(conn)
     finally:
         conn.close()
+
+
+# Columns added after the first release, for state folders created before them.
+_ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL"))}
+
+
+def _add_missing_columns(conn) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def get_db() -> sqlite3.Connection:
@@ -341,12 +357,42 @@ def update_round(conn, round_id: int, **fields) -> None:
 # Tasks and updates.
 
 def has_task(conn, round_id: int, device_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM tasks WHERE round_id = ? AND device_id = ?", (round_id, device_id)).fetchone() is not None
+    """Whether the device holds a live task (not reclaimed) for the round."""
+    return conn.execute("SELECT 1 FROM tasks WHERE round_id = ? AND device_id = ? AND reclaimed_at IS NULL",
+                        (round_id, device_id)).fetchone() is not None
 
 
-def add_task(conn, round_id: int, device_id: str) -> None:
-    conn.execute("INSERT INTO tasks (round_id, device_id, assigned_at) VALUES (?, ?, ?)", (round_id, device_id, time.time()))
+def task_of(conn, round_id: int, device_id: str):
+    """The device's task row for the round (`report_by`, `reclaimed_at`), or None."""
+    return conn.execute("SELECT report_by, reclaimed_at FROM tasks WHERE round_id = ? AND device_id = ?",
+                        (round_id, device_id)).fetchone()
+
+
+def add_task(conn, round_id: int, device_id: str, report_by: float | None = None) -> None:
+    conn.execute("INSERT INTO tasks (round_id, device_id, assigned_at, report_by) VALUES (?, ?, ?, ?)",
+                 (round_id, device_id, time.time(), report_by))
     conn.execute("UPDATE rounds SET assigned = assigned + 1 WHERE id = ?", (round_id,))
+
+
+_OVERDUE = ("FROM tasks WHERE round_id = ? AND reclaimed_at IS NULL AND report_by <= ?"
+            " AND device_id NOT IN (SELECT device_id FROM updates WHERE round_id = ?)")
+
+
+def has_overdue_tasks(conn, round_id: int, now: float) -> bool:
+    """Whether a device holds a task of the round past its report-by time without having reported."""
+    return conn.execute(f"SELECT 1 {_OVERDUE} LIMIT 1", (round_id, now, round_id)).fetchone() is not None
+
+
+def reclaim_overdue_tasks(conn, round_id: int, now: float) -> int:
+    """Take back the slots of tasks past their report-by time without an update; return how many.
+
+    The rows stay (marked `reclaimed_at`), so their devices get no second task in the round.
+    """
+    n = conn.execute(f"UPDATE tasks SET reclaimed_at = ? WHERE rowid IN (SELECT rowid {_OVERDUE})",
+                     (now, round_id, now, round_id)).rowcount
+    if n:
+        conn.execute("UPDATE rounds SET assigned = MAX(0, assigned - ?) WHERE id = ?", (n, round_id))
+    return n
 
 
 def find_update(conn, round_id: int, device_id: str):

@@ -46,11 +46,12 @@ class RoundRecord:
     aggregate_seconds: float | None = None
     publish_seconds: float | None = None
 
-    def task(self) -> RoundTask:
-        """The task a device receives for this round."""
+    def task(self, report_by: float | None = None) -> RoundTask:
+        """The task a device receives for this round (with its own report-by time, if it has one)."""
         return RoundTask(round_id=self.id, model_version=self.model_version, learning_rate=self.learning_rate,
                          epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples,
-                         clip_norm=self.clip_norm, deadline=self.deadline, encoding=self.encoding)
+                         clip_norm=self.clip_norm, deadline=self.deadline, encoding=self.encoding,
+                         report_by=report_by)
 
     def accepting(self, now: float) -> bool:
         """Whether an upload arriving now may still count."""
@@ -65,21 +66,36 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float) -
                 batch_size=batch_size, max_examples=config.device_max_examples, encoding=config.encoding)
 
 
-def checkin_decision(round_: RoundRecord | None, *, has_task: bool, has_submitted: bool, now: float) -> str:
+def checkin_decision(round_: RoundRecord | None, *, has_task: bool, has_submitted: bool, now: float,
+                     task_reclaimed: bool = False) -> str:
     """What a checking-in device gets: "train", "assign" (a new task) or a wait reason.
 
     Wait reasons: `no_open_round` (between rounds, or past the deadline), `already_submitted`
-    (this device's update for the round is in), `round_full` (enough devices hold tasks).
+    (this device's update for the round is in), `task_expired` (it held a task of this round and
+    let its report-by time pass: its slot went to another device, and it gets no second one),
+    `round_full` (enough devices hold tasks).
     """
     if round_ is None or not round_.accepting(now):
         return "no_open_round"
     if has_submitted:
         return "already_submitted"
+    if task_reclaimed:
+        return "task_expired"
     if has_task:
         return "train"
     if round_.assigned >= round_.max_assigned:
         return "round_full"
     return "assign"
+
+
+def report_by(round_: RoundRecord, now: float, window: float) -> float:
+    """When a task handed out now must be reported: `window` seconds on, but never past the deadline.
+
+    A device that takes a task and goes silent holds its slot only this long (slots are reclaimed
+    lazily, when another device finds the round full), so a few silent devices cannot starve a
+    round of the devices that would report.
+    """
+    return min(round_.deadline, now + window)
 
 
 def deadline_outcome(round_: RoundRecord, now: float) -> str | None:

@@ -136,6 +136,9 @@ class RoundTask:
     clip_norm: float
     deadline: float  # unix seconds; uploads after it are refused
     encoding: str = "float32"
+    # unix seconds (<= deadline); past it without an upload, the server may give the task's slot
+    # to another device, and an upload then gets 409 `task_expired`. Absent from older servers.
+    report_by: float | None = None
 
     @classmethod
     def from_json(cls, body: Any) -> "RoundTask":
@@ -150,6 +153,7 @@ class RoundTask:
             clip_norm=_require(body, "clip_norm", float, where=w),
             deadline=_require(body, "deadline", float, where=w),
             encoding=_require(body, "encoding", str, where=w, optional=True, default="float32"),
+            report_by=_require(body, "report_by", float, where=w, optional=True),
         )
 
 
@@ -160,7 +164,7 @@ class CheckinResponse:
     action: str  # "train" | "wait"
     task: RoundTask | None = None
     retry_after: float | None = None  # seconds, with jitter, when action == "wait"
-    reason: str | None = None  # why waiting: "no_open_round", "round_full", ...
+    reason: str | None = None  # why waiting: "no_open_round", "round_full", "task_expired", ...
 
     @classmethod
     def from_json(cls, body: Any) -> "CheckinResponse":

@@ -47,24 +47,37 @@ def checkin():
     state, conn, now = server(), db.get_db(), time.time()
 
     def decide(c, round_):
+        """(decision, the device's report-by time if it holds a task)."""
         if round_ is None:
-            return rounds.checkin_decision(None, has_task=False, has_submitted=False, now=now)
-        return rounds.checkin_decision(round_, has_task=db.has_task(c, round_.id, device_id),
-                                       has_submitted=db.find_update(c, round_.id, device_id) is not None, now=now)
+            return rounds.checkin_decision(None, has_task=False, has_submitted=False, now=now), None
+        task = db.task_of(c, round_.id, device_id)
+        verdict = rounds.checkin_decision(
+            round_, has_task=task is not None and task["reclaimed_at"] is None,
+            task_reclaimed=task is not None and task["reclaimed_at"] is not None,
+            has_submitted=db.find_update(c, round_.id, device_id) is not None, now=now)
+        return verdict, None if task is None else task["report_by"]
 
     def assign(c):  # re-decide under the write lock: the last free slot may be gone
         fresh = db.active_round(c)
-        verdict = decide(c, fresh)
+        if fresh is not None and fresh.assigned >= fresh.max_assigned:
+            reclaimed = db.reclaim_overdue_tasks(c, fresh.id, now)
+            if reclaimed:
+                log.info("task slots reclaimed", extra={"round_id": fresh.id, "tasks": reclaimed})
+                fresh = db.get_round(c, fresh.id)
+        verdict, report_by = decide(c, fresh)
         if verdict == "assign":
-            db.add_task(c, fresh.id, device_id)
-        return fresh, verdict
+            report_by = rounds.report_by(fresh, now, state.config.task_report_window)
+            db.add_task(c, fresh.id, device_id, report_by)
+        return fresh, verdict, report_by
 
     round_ = db.active_round(conn)
-    decision = decide(conn, round_)
+    decision, report_by = decide(conn, round_)
+    if decision == "round_full" and db.has_overdue_tasks(conn, round_.id, now):
+        decision = "assign"  # a silent device's slot is free for the taking
     if decision == "assign":
-        round_, decision = state.commits.run(assign)
+        round_, decision, report_by = state.commits.run(assign)
     if decision in ("assign", "train"):
-        return jsonify(to_json(CheckinResponse("train", task=round_.task())))
+        return jsonify(to_json(CheckinResponse("train", task=round_.task(report_by=report_by))))
     cfg = state.config
     response = rounds.wait_response(decision, base=cfg.retry_after, jitter=cfg.retry_jitter, rng=state.rng)
     out = jsonify(to_json(response))
@@ -81,7 +94,8 @@ def upload(round_id: int):
     :raise 401: missing or wrong device token (`unauthorized`).
     :raise 403: the device holds no task for this round (`no_task`).
     :raise 404: no such round (`unknown_round`).
-    :raise 409: `round_closed`, `stale_model_version`, or `already_submitted` (a different body).
+    :raise 409: `round_closed`, `stale_model_version`, `already_submitted` (a different body), or
+        `task_expired` (the device let its task's report-by time pass and its slot was reclaimed).
     :raise 411/413: no Content-Length (`length_required`) or too large (`payload_too_large`).
     """
     start = time.perf_counter()
@@ -94,8 +108,11 @@ def upload(round_id: int):
         if round_ is None:
             raise NotFound(f"round {round_id} does not exist", code="unknown_round")
         known_round = round_id
-        if not db.has_task(conn, round_id, device_id):
+        task = db.task_of(conn, round_id, device_id)
+        if task is None:
             raise Forbidden(f"device {device_id} holds no task for round {round_id}", code="no_task")
+        if task["reclaimed_at"] is not None:
+            raise _task_expired(round_id, task)
         body = _read_bounded_body(update_size_limit(state.config, sum(w.size for w in state.store.specs(round_.model_version))))
         if len(body) != request.content_length:
             raise BadRequest(f"body ended after {len(body)} of {request.content_length} bytes", code="malformed_update")
@@ -202,6 +219,9 @@ def _accept(state, round_id, device_id, body, body_sha256, num_examples, norm, d
         fresh = db.get_round(c, round_id)
         if not fresh.accepting(time.time()):
             raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
+        task = db.task_of(c, round_id, device_id)
+        if task["reclaimed_at"] is not None:  # its slot went to another device while we read the body
+            raise _task_expired(round_id, task)
         twin = db.find_update(c, round_id, device_id)
         if twin is not None:  # a concurrent retry won the race: answer as its duplicate
             raise _Duplicate(twin)
@@ -216,6 +236,11 @@ def _accept(state, round_id, device_id, body, body_sha256, num_examples, norm, d
     except BaseException:
         blob.unlink(missing_ok=True)
         raise
+
+
+def _task_expired(round_id: int, task) -> Conflict:
+    return Conflict(f"the task for round {round_id} had to be reported by {task['report_by']:.0f} (unix time); "
+                    "its slot went to another device", code="task_expired")
 
 
 class _Duplicate(Exception):
