@@ -43,10 +43,10 @@ from datasets.tokenizer import load_tokenizer
 from edge_runtime.client import Credentials, ServerClient, ServerError, ServerUnavailable, UploadResult
 from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import EligibilityPolicy
-from edge_runtime.litert_model import TrainableModel
+from edge_runtime.litert_model import TrainableCache
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
-from edge_runtime.store import ExampleStore, RetentionPolicy
+from edge_runtime.store import ExampleSource, ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob, job_key
 from fedkb_core.durable import atomic_write, atomic_write_json
@@ -72,6 +72,7 @@ class DeviceConfig:
     seed: int | None = None  # None: derived from the device id and the round
     poll_seconds: float = 60.0  # how often an ineligible device looks again
     platform: str = "linux"
+    suggestions: bool = True  # load the inference model and serve `suggest` (False: a client that only trains)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,24 +105,32 @@ class Device:
         state: where idle / charging / unmetered / battery come from.
         client: the server client (default: one for `config.server_url`).
         clock: unix seconds (round deadlines).
+        examples: where the training text comes from (default: `home/examples.sqlite`).
+        models: the model versions (default: a store in `home/models`); devices of one process
+            may share one (an emulated fleet), with `config.suggestions` off.
+        trainables: keeps the trainable interpreter warm between jobs (default: this device's own).
     """
 
     def __init__(self, config: DeviceConfig, *, state: DeviceStateProvider, client: ServerClient | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, examples: ExampleSource | None = None,
+                 models: ModelStore | None = None, trainables: TrainableCache | None = None):
         self.config, self.state, self._clock = config, state, clock
         self.home = Path(config.home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.client = client or ServerClient(config.server_url)
         self.client.credentials = self.client.credentials or load_credentials(self.home)
-        self.examples = ExampleStore(self.home / "examples.sqlite", retention=config.retention, clock=clock)
-        self.models = ModelStore(self.home / "models")
+        self.examples: ExampleSource = examples or ExampleStore(self.home / "examples.sqlite",
+                                                                retention=config.retention, clock=clock)
+        self.models = models or ModelStore(self.home / "models")
+        self.trainables = trainables or TrainableCache(num_threads=config.num_threads)
         self.scheduler = Scheduler(state=state, policy=config.policy,
                                    checkpoints=CheckpointStore(self.home / "job.safetensors"), clock=clock)
         self.outbox = self.home / "outbox"
         self.suggester = LiveSuggester(num_threads=config.num_threads)
-        if self.models.current_dir() is not None:
-            self._follow_model(self.models.current_dir())
-        self.models.add_listener(self._follow_model)
+        if config.suggestions:
+            if self.models.current_dir() is not None:
+                self._follow_model(self.models.current_dir())
+            self.models.add_listener(self._follow_model)
 
     def close(self) -> None:
         self.examples.close()
@@ -186,6 +195,12 @@ class Device:
     # One cycle -------------------------------------------------------------------------------
     def run_once(self) -> CycleReport:
         """One pass of the client protocol (see the module docstring)."""
+        task = self.request_task()
+        return task if isinstance(task, CycleReport) else self.run_task(task)
+
+    def request_task(self) -> RoundTask | CycleReport:
+        """Steps 1–4 of a cycle: the task the server hands out, or the cycle's report when
+        there is nothing to train (ineligible, an outbox upload was the work, wait)."""
         self.examples.enforce_retention()
         verdict = self.scheduler.may_start(new_examples=self.examples.new_examples())
         if not self.scheduler.can_run():
@@ -207,7 +222,10 @@ class Device:
         if answer.action != "train":
             self.scheduler.abandon_unless(None)
             return CycleReport("wait", (answer.reason,) if answer.reason else (), retry_after=answer.retry_after)
-        task = answer.task
+        return answer.task
+
+    def run_task(self, task: RoundTask) -> CycleReport:
+        """Steps 5–6 of a cycle for a task the server handed out: train, clip, encode, upload."""
         self.scheduler.abandon_unless(task.round_id)
         try:
             model_dir = self._model_for(task.model_version)
@@ -224,7 +242,7 @@ class Device:
         return self.models.version_dir(version)
 
     def _train_and_upload(self, task: RoundTask, model_dir: Path) -> CycleReport:
-        model = TrainableModel(model_dir, num_threads=self.config.num_threads)
+        model, global_weights = self.trainables.load(model_dir)
         up_to = self.examples.last_id()
         where = dict(round_id=task.round_id, model_version=task.model_version)
         pending = self.scheduler.pending()
@@ -235,7 +253,7 @@ class Device:
                                                   up_to_id=up_to)
             if len(windows) == 0:
                 return CycleReport("no_data", **where)
-        job = TrainingJob(model, model.get_weights(), windows, task, seed=self._seed(task.round_id), up_to_id=up_to)
+        job = TrainingJob(model, global_weights, windows, task, seed=self._seed(task.round_id), up_to_id=up_to)
         outcome: JobOutcome = self.scheduler.run(job)
         if outcome.status != COMPLETED:
             action = "abandoned" if outcome.status == ABANDONED else "interrupted"

@@ -126,3 +126,40 @@ class TrainableModel:
     def _check_batch(self, batch: Windows) -> None:
         if batch.x.shape != (self.batch_size, self.seq_len):
             raise ValueError(f"batch is {batch.x.shape}, the model trains on [{self.batch_size}, {self.seq_len}]")
+
+
+class TrainableCache:
+    """The trainable model of the version in use, loaded once and kept warm between jobs.
+
+    Loading an interpreter costs far more than a training step of a small job, and every job of
+    a round trains the same version. What a job starts from is the version's own weights, read
+    once at load: a job leaves the interpreter holding its trained weights, so the next job must
+    not take them from `get_weights`. Keyed by the folder and the trainable file's sha256 (a
+    folder can hold a different version 2 after a server was reset). Not thread-safe: one job at
+    a time, as the scheduler runs them.
+
+    Args:
+        num_threads: interpreter threads of every model it loads.
+    """
+
+    def __init__(self, *, num_threads: int = 1):
+        self.num_threads = num_threads
+        self._key: tuple[Path, str] | None = None
+        self._loaded: tuple[TrainableModel, Weights] | None = None
+        self.loads = 0  # interpreters created (observability, tests)
+
+    def load(self, model_dir: Path | str) -> tuple[TrainableModel, Weights]:
+        """(the model, the version's weights) for a verified version folder.
+
+        Raises:
+            FedkbError / ModelLayoutError: as `TrainableModel`.
+        """
+        manifest = load_manifest(Path(model_dir))
+        entry = manifest.files.get(TRAINABLE_FILE)
+        key = (Path(model_dir).resolve(), entry.sha256 if entry else "")
+        if self._key != key or self._loaded is None:
+            self._key, self._loaded = None, None  # a failed load leaves nothing stale behind
+            model = TrainableModel(model_dir, num_threads=self.num_threads, manifest=manifest)
+            self._loaded, self._key = (model, model.get_weights()), key
+            self.loads += 1
+        return self._loaded

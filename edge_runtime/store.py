@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from datasets.tokenizer import encode_utterances
 from datasets.windows import Windows, empty_windows, make_windows
@@ -39,6 +40,36 @@ CREATE INDEX IF NOT EXISTS examples_created ON examples(created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _TRAINED_CURSOR = "trained_up_to_id"
+
+
+class ExampleSource(Protocol):
+    """What the device's training cycle needs from its examples (`ExampleStore` is the phone's).
+
+    Examples have growing integer ids; a job trains on everything up to `last_id()` and, once
+    the server holds its update, marks it trained, which is what `new_examples` counts from. A
+    fleet emulator provides its own source (a client's prepared text) so that a device trains on
+    exactly the windows a reference implementation is given.
+    """
+
+    def enforce_retention(self) -> int:
+        """Apply the retention policy; return how many examples it deleted."""
+
+    def new_examples(self) -> int:
+        """Examples added after the last job the server counted."""
+
+    def last_id(self) -> int:
+        """The newest id handed out so far (0: none yet)."""
+
+    def token_windows(self, tokenizer, seq_len: int, *, up_to_id: int | None = None) -> Windows:
+        """The training windows of the examples up to `up_to_id`, tokenized with the model's tokenizer."""
+
+    def mark_trained(self, up_to_id: int) -> None:
+        """Record that a counted job used every example up to `up_to_id`."""
+
+    def delete_all(self) -> int:
+        """The user's "delete my typing history"."""
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,66 +1,166 @@
-"""One emulated device's work in one round, run inside an executor worker process.
+"""One emulated phone: the edge runtime's own `Device`, fed one client's prepared text.
 
-Each emulated phone runs the real edge runtime, end to end: `ServerClient` fetches the task's
-model version over HTTP and `ModelStore` verifies every file against the manifest before it is
-used; `TrainingJob` trains with the LiteRT `train` signature and clips Δ; the `Scheduler` runs it
-step by step and reads the device's state before every step, so a phone whose simulated night
-ends mid-job (taken off the charger, picked up, off Wi-Fi) stops there, as a real one would; the
-client uploads the safetensors update with retries and its bearer token. Nothing here imports
-TensorFlow.
+Each emulated phone is a real `edge_runtime.device.Device` with its own home folder
+(credentials, job checkpoint, outbox) running its own cycle, in two halves: the selection half
+(`Device.request_task`: eligibility, the outbox, a newer model version, the check-in) in the
+fleet's process, and the work half (`Device.run_task`: fetch and verify the task's version over
+HTTP into the edge runtime's `ModelStore`, train with LiteRT under the scheduler, clip, encode,
+keep the update in the outbox, upload it) in an executor worker, through `run_device_job`.
+Nothing here imports TensorFlow, and nothing reads the server's files.
 
-What is emulated: the device state (its daily pattern on the simulated clock, one simulated
-job-duration slice per training step) and the example store, whose role the client's prepared
-training stream plays, so that the TFF reference trains on exactly the same windows. Model
-versions are cached once per worker process rather than once per phone, to keep disk use
-O(workers) instead of O(devices).
+What is emulated:
+* the example source: a client's prepared token stream (`TokenStreamExamples`) stands in for the
+  typed messages in SQLite, so the device trains on exactly the windows the TFF reference gets
+  (`client_windows`);
+* the device state: its daily pattern on the simulated clock (`FleetClockState`); during a job,
+  one slice of the simulated job duration per training step (`JobClockState`: the scheduler
+  reads the state once before each step), so a phone whose night ends mid-job drops out;
+* sharing: the devices of one process share one model store and one warm trainable
+  interpreter, so disk use is O(processes) rather than O(devices) and a worker loads each
+  version's interpreter once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+import requests
 
-from datasets.windows import Windows, make_windows
-from edge_runtime.client import Credentials, RetryPolicy, ServerClient, ServerUnavailable
+from datasets.windows import Windows, empty_windows, make_windows
+from edge_runtime.client import RetryPolicy, ServerClient, ServerUnavailable
+from edge_runtime.device import CycleReport, Device, DeviceConfig
 from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import EligibilityPolicy
-from edge_runtime.litert_model import TrainableModel, Weights
+from edge_runtime.litert_model import TrainableCache
 from edge_runtime.model_store import ModelStore
-from edge_runtime.scheduler import COMPLETED, CheckpointStore, Scheduler
-from edge_runtime.trainer import TrainingJob, select_windows
+from edge_runtime.trainer import select_windows
 from fedkb_core.protocol import DeviceState, RoundTask
-from fedkb_core.wire import UpdateMetadata, encode_update
 from simulation.availability import AvailabilityConfig, DailyPattern
 
+# The edge runtime's production conditions (idle, charging, unmetered, battery >= 20 %); the
+# new-examples rule does not apply, as an emulated device's text is all there from the start.
+POLICY = EligibilityPolicy(min_new_examples=0)
 ALWAYS_ELIGIBLE = DeviceState(idle=True, charging=True, unmetered=True, battery=100.0)
+
+
+def client_windows(tokens: np.ndarray, *, seq_len: int, max_examples: int, seed: int) -> Windows:
+    """The windows a device trains on in one round: what `TokenStreamExamples` gives the device,
+    sampled as its `TrainingJob` samples them (the TFF reference trains on these)."""
+    return select_windows(make_windows(tokens, seq_len), max_examples, seed=seed)
+
+
+def job_steps(tokens: np.ndarray, *, seq_len: int, task: RoundTask) -> int:
+    """How many training steps the device's job for `task` will have."""
+    windows = min(len(make_windows(tokens, seq_len)), task.max_examples) if len(tokens) else 0
+    return task.epochs * math.ceil(windows / task.batch_size)
+
+
+class TokenStreamExamples:
+    """An `ExampleSource` over one client's prepared token stream, seen as one message.
+
+    The stream was tokenized with the tokenizer the model was exported with (the fleet checks
+    the manifest's tokenizer sha256 against the data's), so `token_windows` cuts it directly.
+    """
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = np.asarray(tokens)
+        self._trained_up_to = 0
+
+    def enforce_retention(self) -> int:
+        return 0  # a client's text is the data set's: nothing ages out during a simulation
+
+    def last_id(self) -> int:
+        return 1 if len(self.tokens) else 0
+
+    def new_examples(self) -> int:
+        return self.last_id() - min(self._trained_up_to, self.last_id())
+
+    def token_windows(self, tokenizer, seq_len: int, *, up_to_id: int | None = None) -> Windows:
+        if self.last_id() == 0 or (up_to_id is not None and up_to_id < 1):
+            return empty_windows(seq_len)
+        return make_windows(self.tokens, seq_len)
+
+    def mark_trained(self, up_to_id: int) -> None:
+        self._trained_up_to = max(self._trained_up_to, int(up_to_id))
+
+    def delete_all(self) -> int:
+        deleted, self.tokens = self.last_id(), self.tokens[:0]
+        return deleted
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedClock:
+    """The fleet's simulated UTC time (seconds), advanced round by round."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+
+class FleetClockState:
+    """A device's state at the fleet's simulated time (the selection half of a cycle)."""
+
+    def __init__(self, pattern: DailyPattern, clock: SimulatedClock, availability: AvailabilityConfig):
+        self.pattern, self.clock, self.availability = pattern, clock, availability
+
+    def current(self) -> DeviceState:
+        return self.pattern.state_at(self.clock.now, self.availability)
+
+
+class JobClockState:
+    """A device's state as its job advances: read k is at `start + k · seconds / steps`.
+
+    The scheduler reads the state once before each training step, so the job spans `seconds`
+    of simulated time whatever the real speed of the machine.
+    """
+
+    def __init__(self, pattern: DailyPattern, availability: AvailabilityConfig, *, start: float, seconds: float,
+                 steps: int):
+        self.pattern, self.availability, self.start = pattern, availability, start
+        self.per_step = seconds / max(steps, 1)
+        self._reads = itertools.count()
+
+    def current(self) -> DeviceState:
+        return self.pattern.state_at(self.start + next(self._reads) * self.per_step, self.availability)
+
+
+def emulated_device(server_url: str, home: Path, tokens: np.ndarray, *, state, models: ModelStore,
+                    session: requests.Session | None = None) -> Device:
+    """A phone's `Device` for the selection half of its cycle, in the fleet's process: its home,
+    its client's text, a model store shared with the other phones of the process."""
+    return Device(DeviceConfig(server_url=server_url, home=Path(home), policy=POLICY, suggestions=False), state=state,
+                  client=ServerClient(server_url, session=session), examples=TokenStreamExamples(tokens), models=models)
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceJob:
-    """Everything a worker needs; plain data so it pickles to another process."""
+    """One selected device's task; plain data so it pickles to a worker process."""
 
     server_url: str
-    device_id: str
-    token: str
+    home: str  # the device's home folder (its credentials are there since enrollment)
     task: dict  # RoundTask as JSON
     tokens: np.ndarray  # this client's training token stream (stays "on the device")
-    cache_dir: str  # where this worker keeps downloaded model versions
-    seed: int
+    models_dir: str  # each worker process keeps its model store in a folder under this one
+    seed: int  # the training seed of this client in this round (the TFF reference uses the same)
     num_threads: int = 1
     pattern: DailyPattern | None = None  # None: the device stays eligible throughout
     availability: AvailabilityConfig = AvailabilityConfig()
     sim_start: float = 0.0  # simulated UTC seconds when the job starts
     job_seconds: float = 600.0  # simulated duration of the whole job
-    policy: EligibilityPolicy = EligibilityPolicy(min_new_examples=0)
+    steps: int = 1  # the job's training steps (`job_steps`), to spread job_seconds over
+    policy: EligibilityPolicy = POLICY
 
 
 @dataclasses.dataclass(frozen=True)
 class JobResult:
-    device_id: str
+    device_id: str | None
     status: str  # accepted | duplicate | dropped (state changed mid-job) | late | rejected:<code> | failed:<why> | no_data
     num_examples: int = 0
     update_norm: float = 0.0
@@ -70,70 +170,57 @@ class JobResult:
     steps: int = 0
 
 
-_loaded: dict[int, tuple[TrainableModel, Weights]] = {}  # per worker process: the current version's model
+# What a device's cycle report means for the fleet's participation counts.
+_STATUS = {"accepted": "accepted", "duplicate": "duplicate", "interrupted": "dropped", "abandoned": "dropped",
+           "dropped": "late", "no_data": "no_data"}
+
+# Per process: the model store and the warm interpreter its devices share.
+_stores: dict[Path, ModelStore] = {}
+_trainables: dict[int, TrainableCache] = {}
 
 
-def client_windows(tokens: np.ndarray, *, seq_len: int, max_examples: int, seed: int) -> Windows:
-    """The windows a device trains on in one round (the TFF reference uses the same)."""
-    return select_windows(make_windows(tokens, seq_len), max_examples, seed=seed)
+def _shared_store(models_dir: str) -> ModelStore:
+    root = Path(models_dir) / f"worker-{os.getpid()}"
+    if root not in _stores:
+        _stores[root] = ModelStore(root)
+    return _stores[root]
 
 
-def _model(store: ModelStore, client: ServerClient, version: int, num_threads: int) -> tuple[TrainableModel, Weights]:
-    """The version's trainable model and global weights, fetched and verified on first use."""
-    if version not in _loaded:
-        if not store.has_version(version):
-            store.fetch(client, version)
-        model = TrainableModel(store.version_dir(version), num_threads=num_threads)
-        _loaded.clear()  # one version at a time per worker
-        _loaded[version] = (model, model.get_weights())
-    return _loaded[version]
-
-
-def _day_state(job: DeviceJob, total_steps: int) -> ScriptedDeviceState:
-    """The device's state as the job advances: step k is read at sim_start + k · (job / steps)."""
-    if job.pattern is None:
-        return ScriptedDeviceState(ALWAYS_ELIGIBLE)
-    per_step = job.job_seconds / max(total_steps, 1)
-    reads = iter(range(1 << 62))  # the scheduler reads the state once before each step
-    return ScriptedDeviceState(lambda _t: job.pattern.state_at(job.sim_start + next(reads) * per_step,
-                                                               job.availability))
+def result_of(device_id: str | None, report: CycleReport, seconds: float = 0.0) -> JobResult:
+    status = _STATUS.get(report.action)
+    if status is None:
+        why = report.message or ",".join(report.reasons)
+        status = f"rejected:{why}" if report.action == "rejected" else f"failed:{report.action}: {why}"
+    return JobResult(device_id, status, report.num_examples, report.update_norm or 0.0, report.upload_bytes,
+                     seconds, report.mean_loss if report.mean_loss is not None else float("nan"), report.steps)
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
-    """Fetch, train under the scheduler, clip, upload. Errors become a result, never an exception
-    across processes (a device failing is data for the report, not a crash of the fleet)."""
+    """The work half of the device's cycle for its task. Errors become a result, never an
+    exception across processes (a device failing is data for the report, not a crash of the fleet)."""
     task = RoundTask.from_json(job.task)
-    cache = Path(job.cache_dir)
-    client = ServerClient(job.server_url, credentials=Credentials(job.device_id, job.token), seed=job.seed,
-                          retry=RetryPolicy(max_attempts=5, base_delay=0.2, max_delay=5.0), timeout=60.0)
+    state = (JobClockState(job.pattern, job.availability, start=job.sim_start, seconds=job.job_seconds,
+                           steps=job.steps) if job.pattern is not None else ScriptedDeviceState(ALWAYS_ELIGIBLE))
+    client = ServerClient(job.server_url, retry=RetryPolicy(max_attempts=5, base_delay=0.2, max_delay=5.0),
+                          timeout=60.0, seed=job.seed)
+    device = None
     try:
-        store = ModelStore(cache / f"worker-{os.getpid()}")
-        model, global_weights = _model(store, client, task.model_version, job.num_threads)
-        windows = client_windows(job.tokens, seq_len=model.seq_len, max_examples=task.max_examples, seed=job.seed)
-        if len(windows) == 0:
-            return JobResult(job.device_id, "no_data")
-        training = TrainingJob(model, global_weights, windows, task, seed=job.seed)
-        checkpoints = CheckpointStore(cache / "jobs" / f"{job.device_id}.safetensors")
-        scheduler = Scheduler(state=_day_state(job, training.total_steps), policy=job.policy, checkpoints=checkpoints)
+        # The device adds the round id to its configured seed: give it the client's seed for this round.
+        config = DeviceConfig(server_url=job.server_url, home=Path(job.home), policy=job.policy,
+                              num_threads=job.num_threads, seed=job.seed - task.round_id, suggestions=False)
+        device = Device(config, state=state, client=client, examples=TokenStreamExamples(job.tokens),
+                        models=_shared_store(job.models_dir),
+                        trainables=_trainables.setdefault(job.num_threads, TrainableCache(num_threads=job.num_threads)))
         started = time.monotonic()
-        outcome = scheduler.run(training)
-        seconds = time.monotonic() - started
-        if outcome.status != COMPLETED:
-            checkpoints.clear()  # the round will be over before this phone's next window
-            return JobResult(job.device_id, "dropped", steps=outcome.steps_run, train_seconds=seconds)
-        update = training.result(outcome.losses)
-        body = encode_update(update.deltas, UpdateMetadata(
-            round_id=task.round_id, model_version=task.model_version, device_id=job.device_id,
-            num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
-            encoding=task.encoding))
-        result = client.upload(task.round_id, body)
-        status = {"accepted": "accepted", "duplicate": "duplicate", "dropped": "late"}.get(
-            result.status, f"rejected:{result.code}")
-        return JobResult(job.device_id, status, update.num_examples, update.update_norm, len(body), seconds,
-                         update.mean_loss, update.steps)
+        report = device.run_task(task)
+        return result_of(device.device_id, report, time.monotonic() - started)
     except ServerUnavailable as err:
-        return JobResult(job.device_id, f"failed:server unavailable: {err}")
+        return JobResult(device.device_id if device else None, f"failed:server unavailable: {err}")
     except Exception as err:  # noqa: BLE001 (see docstring)
-        return JobResult(job.device_id, f"failed:{type(err).__name__}: {err}")
+        return JobResult(device.device_id if device else None, f"failed:{type(err).__name__}: {err}")
     finally:
-        client.close()
+        if device is not None:
+            device.close()
+        else:
+            client.close()
+

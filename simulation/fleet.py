@@ -1,10 +1,15 @@
 """`fedkb simulate`: an emulated fleet of real devices against a real aggregator.
 
-Per round, on a simulated clock: every device's daily pattern says whether it is idle, charging
-and on Wi-Fi; eligible devices check in with the real server (in random order) until it stops
-handing out tasks (it over-selects ~130 %); some selected devices stop being eligible before
-they finish and drop out; the rest train with LiteRT in parallel worker processes and upload.
-The server aggregates and publishes the next version, which is then evaluated.
+Every emulated phone is the edge runtime's own `Device` (`simulation.device_job`). Per round, on
+a simulated clock: every device's daily pattern says whether it is idle, charging and on Wi-Fi;
+the eligible ones wake up in random order and run their cycle's selection half (check-in) until
+the server stops handing out tasks (it over-selects ~130 %); the selected run the work half in
+parallel worker processes (train with LiteRT, upload), and some stop being eligible before they
+finish and drop out. The server aggregates and publishes the next version, which the fleet
+downloads over HTTP like a device, into the edge runtime's model store, and evaluates.
+
+The fleet knows its server only by URL, enrollment secret and admin token (`ServerAccess`):
+never where the server keeps its state, whose files it must not read.
 """
 
 from __future__ import annotations
@@ -26,20 +31,24 @@ from tqdm import tqdm
 from datasets.prepared import PreparedData
 from datasets.tokenizer import load_tokenizer, word_start_table
 from edge_runtime.client import ServerClient
-from edge_runtime.eligibility import EligibilityPolicy, can_continue
+from edge_runtime.device import CycleReport, Device
+from edge_runtime.eligibility import can_continue
+from edge_runtime.litert_model import TrainableCache
+from edge_runtime.model_store import ModelStore
+from fedkb_core.durable import sha256_file
 from fedkb_core.errors import FedkbError
+from fedkb_core.manifest import Manifest
+from fedkb_core.protocol import RoundTask
 from model.evaluation import EvalConfig, evaluate_weights
-from model.weights import load_weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
-from simulation.device_job import DeviceJob, JobResult, run_device_job
+from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult, SimulatedClock, emulated_device,
+                                   job_steps, run_device_job)
 from simulation.executor import InlineExecutor, ProcessExecutor
 from simulation.report import Participation, RoundRecord
 
 log = logging.getLogger(__name__)
 
-# The edge runtime's production conditions (idle, charging, unmetered, battery >= 20 %); the
-# new-examples rule does not apply, as an emulated device's text is all there from the start.
-POLICY = EligibilityPolicy(min_new_examples=0)
+__all__ = ["POLICY", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +97,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ServerAccess:
+    """What a fleet knows of its server: the URL, the fleet's enrollment secret and the
+    operator's admin token. Nothing of where the server keeps its files."""
+
+    def __init__(self, url: str, secret: str, admin: str):
+        self.url, self.secret, self.admin = url.rstrip("/"), secret, admin
+
+    def status(self) -> dict:
+        return requests.get(f"{self.url}/v1/status", timeout=10).json()
+
+    def end_round(self) -> None:
+        requests.post(f"{self.url}/v1/admin/rounds/current/end", headers={"Authorization": f"Bearer {self.admin}"},
+                      timeout=10)
+
+    def stop(self) -> None:
+        """A server the fleet did not start is not the fleet's to stop."""
+
+
+class ServerProcess(ServerAccess):
     """A real `fedkb serve` on loopback, stopped on exit."""
 
     def __init__(self, *, state: Path, init_model: Path, log_path: Path, config: FleetConfig):
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.secret, self.admin = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+        super().__init__(f"http://127.0.0.1:{self.port}", secrets.token_urlsafe(16), secrets.token_urlsafe(16))
         min_clients = config.min_clients or max(1, config.clients_per_round // 2)
         args = [sys.executable, "-m", "fedkb", "-q", "serve", "--state", str(state), "--init-model", str(init_model),
                 "--port", str(self.port), "--plain-logs",
@@ -120,13 +146,6 @@ class ServerProcess:
         self.stop()
         raise FedkbError(f"the aggregator did not answer within 120 s; see {log_path}")
 
-    def status(self) -> dict:
-        return requests.get(f"{self.url}/v1/status", timeout=10).json()
-
-    def end_round(self) -> None:
-        requests.post(f"{self.url}/v1/admin/rounds/current/end", headers={"Authorization": f"Bearer {self.admin}"},
-                      timeout=10)
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -137,78 +156,115 @@ class ServerProcess:
         self._log.close()
 
 
+
 @dataclasses.dataclass
-class _Device:
+class _Phone:
     index: int
     client_id: str
-    client: ServerClient  # the edge runtime's client, with this device's credentials
-
-    @property
-    def device_id(self) -> str:
-        return self.client.credentials.device_id
+    home: Path
+    device: Device  # the selection half of its cycle runs here, in the fleet's process
 
 
-def _enroll(server: ServerProcess, client_ids: list[str], session: requests.Session) -> list[_Device]:
-    """Enroll one device per client through the edge runtime's client (one shared HTTP session:
-    a keep-alive connection per device would hold a server thread each)."""
-    devices = []
+class _Versions:
+    """The fleet's view of the published versions: downloaded over HTTP into the edge runtime's
+    model store (the one its phones' check-ins fill), evaluated from what was downloaded."""
+
+    def __init__(self, root: Path, client: ServerClient):
+        self.store, self.client = ModelStore(root), client
+        self._trainable = TrainableCache()
+
+    def manifest(self, version: int) -> Manifest:
+        return self.store.fetch(self.client, version)
+
+    def weights(self, version: int):
+        """The version's weights as the devices compute with them (LiteRT's, from the downloaded file)."""
+        self.manifest(version)
+        return self._trainable.load(self.store.version_dir(version))[1]
+
+
+def _enroll(server: ServerAccess, client_ids: list[str], data: PreparedData, patterns, clock: SimulatedClock,
+            config: FleetConfig, homes: Path, store: ModelStore, session: requests.Session) -> list[_Phone]:
+    """One edge-runtime device per client, enrolled with the fleet's secret (one shared HTTP
+    session: a keep-alive connection per device would hold a server thread each)."""
+    phones = []
     for i, cid in enumerate(client_ids):
-        client = ServerClient(server.url, session=session)
-        client.enroll(server.secret, platform="sim")
-        devices.append(_Device(i, cid, client))
-    return devices
+        home = homes / f"{i:05d}"
+        device = emulated_device(server.url, home, data.train[cid], models=store, session=session,
+                                 state=FleetClockState(patterns[i], clock, config.availability))
+        device.ensure_enrolled(server.secret)
+        phones.append(_Phone(i, cid, home, device))
+    return phones
 
 
-def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetConfig,
-              progress: bool | None = None) -> list[RoundRecord]:
-    """Run the simulation; return one record per round (round 0 = the initial model)."""
+def _select(eligible: list[_Phone], order) -> list[tuple[_Phone, RoundTask]]:
+    """The eligible phones check in in `order` until the server says the round is full."""
+    selected = []
+    for i in order:
+        answer = eligible[i].device.request_task()
+        if isinstance(answer, RoundTask):
+            selected.append((eligible[i], answer))
+        elif isinstance(answer, CycleReport) and "round_full" in answer.reasons:
+            break
+    return selected
+
+
+def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: FleetConfig,
+              progress: bool | None = None, server: ServerAccess | None = None) -> list[RoundRecord]:
+    """Run the simulation; return one record per round (round 0 = the initial model).
+
+    Args:
+        model_dir: the initial model, for the server this starts (unused with `server`).
+        out: where the devices keep their homes and model stores (`out/device_cache`).
+        server: a running server to use (default: start one with its state in `out/server`).
+    """
     config.validate(len(data.train))
     word_start = word_start_table(load_tokenizer(data.tokenizer_path))
     rng = np.random.default_rng(config.seed)
     client_ids = sorted(rng.choice(sorted(data.train), size=config.clients, replace=False).tolist())
     fleet_test = {c: data.test[c] for c in client_ids if len(data.test[c]) > 1}
     patterns = draw_fleet(config.clients, seed=config.seed, config=config.availability)
+    clock = SimulatedClock(config.start_hour_utc * HOUR)
+    cache = Path(out) / "device_cache"
 
-    def evaluate(weights, version, clients, participation, sim_time, seconds=0.0, uploaded=0, round_=0):
+    def evaluate(weights, version, clients, participation, seconds=0.0, uploaded=0, round_=0, examples=0, steps=0):
         return RoundRecord(round=round_, model_version=version, clients=clients,
                            eval=evaluate_weights(weights, data.heldout, word_start, config.eval),
                            eval_participants=evaluate_weights(weights, fleet_test, word_start, config.eval)
                            if fleet_test else None,
                            participation=participation, bytes_uploaded=uploaded, seconds=round(seconds, 2),
-                           sim_time=sim_time)
+                           sim_time=clock.now, examples=examples, steps=steps)
 
-    server = ServerProcess(state=out / "server", init_model=model_dir, log_path=out / "server.log", config=config)
+    if server is None:
+        server = ServerProcess(state=out / "server", init_model=model_dir, log_path=out / "server.log", config=config)
     executor = ProcessExecutor(config.workers) if config.workers > 1 else InlineExecutor()
+    session = requests.Session()
+    fleet_client = ServerClient(server.url, session=session)
+    phones: list[_Phone] = []
     records = []
     try:
-        session = requests.Session()
-        devices = _enroll(server, client_ids, session)
+        versions = _Versions(cache / "fleet", fleet_client)
         version = server.status()["model_version"]
-        sim_time = config.start_hour_utc * HOUR
-        records.append(evaluate(load_weights(out / "server" / "models" / str(version) / "weights.safetensors"),
-                                version, 0, Participation(), sim_time))
+        manifest = versions.manifest(version)
+        if manifest.tokenizer_sha256 != sha256_file(data.tokenizer_path):
+            raise FedkbError(f"the server's model version {version} was not exported with the data's tokenizer "
+                             f"{data.tokenizer_path}: the prepared token streams would mean other words")
+        phones = _enroll(server, client_ids, data, patterns, clock, config, cache / "homes", versions.store, session)
+        records.append(evaluate(versions.weights(version), version, 0, Participation()))
         bar = tqdm(total=config.rounds, desc="rounds", unit="round", disable=None if progress is None else not progress)
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
-            states = {d.device_id: patterns[d.index].state_at(sim_time, config.availability) for d in devices}
-            eligible = [d for d in devices if can_continue(states[d.device_id], POLICY)]
-            order = rng.permutation(len(eligible))
-            selected = []
-            for i in order:
-                response = eligible[i].client.checkin(states[eligible[i].device_id], None)
-                if response.action == "train":
-                    selected.append((eligible[i], response.task))
-                elif response.reason == "round_full":
-                    break
+            eligible = [p for p in phones if can_continue(p.device.state.current(), POLICY)]  # awake, charging, Wi-Fi
+            selected = _select(eligible, rng.permutation(len(eligible)))
             # Each selected phone runs its job under the edge runtime's scheduler on the simulated
             # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out.
-            jobs = [DeviceJob(server.url, d.device_id, d.client.credentials.token, dataclasses.asdict(t), data.train[d.client_id],
-                              str(out / "device_cache"), seed=config.seed * 100_003 + round_number * 1009 + d.index,
-                              pattern=patterns[d.index], availability=config.availability, sim_start=sim_time,
-                              job_seconds=config.job_minutes * 60, policy=POLICY)
-                    for d, t in selected]
+            jobs = [DeviceJob(server.url, str(p.home), dataclasses.asdict(t), data.train[p.client_id],
+                              str(cache / "workers"), seed=config.seed * 100_003 + round_number * 1009 + p.index,
+                              pattern=patterns[p.index], availability=config.availability, sim_start=clock.now,
+                              job_seconds=config.job_minutes * 60, steps=job_steps(
+                                  data.train[p.client_id], seq_len=manifest.seq_len, task=t), policy=POLICY)
+                    for p, t in selected]
             results: list[JobResult] = [result for _, result in executor.run(run_device_job, jobs)]
-            accepted = sum(r.status in ("accepted", "duplicate") for r in results)
+            counted = [r for r in results if r.status in ("accepted", "duplicate")]
             failed = [r.status for r in results if r.status.startswith("failed")]
             if failed:
                 log.warning("round %d: %d device jobs failed, first: %s", round_number, len(failed), failed[0])
@@ -224,34 +280,32 @@ def run_fleet(*, data: PreparedData, model_dir: Path, out: Path, config: FleetCo
                     break
                 time.sleep(0.1)
             new_version = status["model_version"]
-            if new_version > version:
-                weights = load_weights(out / "server" / "models" / str(new_version) / "weights.safetensors")
-                version = new_version
-            else:
-                weights = None
-            participation = Participation(eligible=len(eligible), selected=len(selected), completed=accepted,
+            participation = Participation(eligible=len(eligible), selected=len(selected), completed=len(counted),
                                           dropped=sum(r.status == "dropped" for r in results) + len(failed),
                                           late=sum(r.status == "late" for r in results),
                                           rejected=sum(r.status.startswith("rejected") for r in results))
             uploaded = sum(r.upload_bytes for r in results)
-            if weights is not None:
-                record = evaluate(weights, version, accepted, participation, sim_time,
-                                  time.monotonic() - started, uploaded, round_number)
+            seconds = time.monotonic() - started
+            if new_version > version:
+                version = new_version
+                record = evaluate(versions.weights(version), version, len(counted), participation, seconds, uploaded,
+                                  round_number, sum(r.num_examples for r in counted), sum(r.steps for r in counted))
             else:  # abandoned: the model did not change
-                previous = records[-1]
-                record = dataclasses.replace(previous, round=round_number, clients=0, participation=participation,
-                                             bytes_uploaded=uploaded, seconds=round(time.monotonic() - started, 2),
-                                             sim_time=sim_time)
+                record = dataclasses.replace(records[-1], round=round_number, clients=0, participation=participation,
+                                             bytes_uploaded=uploaded, seconds=round(seconds, 2), sim_time=clock.now,
+                                             examples=0, steps=0)
             records.append(record)
             bar.update(1)
-            bar.set_postfix(v=version, clients=accepted, word_ppl=f"{record.eval.word_perplexity:.0f}",
+            bar.set_postfix(v=version, clients=len(counted), word_ppl=f"{record.eval.word_perplexity:.0f}",
                             top1=f"{record.eval.top1:.3f}")
             log.info("round %d: version %d, %d eligible, %d selected, %d accepted; held-out word perplexity %.1f",
-                     round_number, version, len(eligible), len(selected), accepted, record.eval.word_perplexity)
-            sim_time += config.round_hours * HOUR
+                     round_number, version, len(eligible), len(selected), len(counted), record.eval.word_perplexity)
+            clock.now += config.round_hours * HOUR
         bar.close()
-        session.close()
     finally:
+        for phone in phones:
+            phone.device.close()
+        fleet_client.close()
         executor.close()
         server.stop()
     return records

@@ -39,6 +39,8 @@ class RoundRecord:
     bytes_uploaded: int = 0
     seconds: float = 0.0
     sim_time: float = 0.0  # simulated UTC seconds when the round closed
+    examples: int = 0  # training windows behind the updates aggregated into this round's model
+    steps: int = 0  # training steps (batches) behind them
 
 
 def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | None = None,

@@ -21,8 +21,8 @@ from model.weights import WEIGHT_NAMES, Weights, initial_weights
 from simulation import tff_cleanup
 from edge_runtime.eligibility import can_continue
 from simulation.availability import HOUR, draw_fleet
-from simulation.device_job import client_windows
-from simulation.fleet import POLICY, FleetConfig
+from simulation.device_job import POLICY, client_windows
+from simulation.fleet import FleetConfig
 from simulation.report import Participation, RoundRecord
 
 
@@ -152,12 +152,13 @@ def run_tff(*, data: PreparedData, model: ModelConfig, config: FleetConfig, prog
             started = time.monotonic()
             eligible = [i for i in range(config.clients) if can_continue(patterns[i].state_at(sim_time, config.availability), POLICY)]
             chosen = [eligible[i] for i in rng.permutation(len(eligible))][:goal]
-            client_data = []
+            client_data, examples = [], 0
             for i in chosen:
                 seed = config.seed * 100_003 + round_number * 1009 + i
                 windows = client_windows(data.train[client_ids[i]], seq_len=model.seq_len,
                                          max_examples=config.max_examples, seed=seed)
                 if len(windows):
+                    examples += len(windows)
                     client_data.append(client_batches(windows, batch_size=model.batch_size,
                                                       epochs=config.device_epochs, seed=seed))
             if client_data:
@@ -169,7 +170,8 @@ def run_tff(*, data: PreparedData, model: ModelConfig, config: FleetConfig, prog
                 round=round_number, model_version=records[-1].model_version + (1 if client_data else 0),
                 clients=len(client_data), eval=held, eval_participants=part,
                 participation=Participation(eligible=len(eligible), selected=len(chosen), completed=len(client_data)),
-                seconds=round(seconds, 2), sim_time=sim_time))
+                seconds=round(seconds, 2), sim_time=sim_time, examples=examples,
+                steps=sum(len(batches) for batches in client_data)))
             sim_time += config.round_hours * HOUR
     finally:
         tff_cleanup.stop_tff_workers()

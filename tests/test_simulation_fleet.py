@@ -1,13 +1,18 @@
 """Fleet emulation: devices that are the real edge runtime, and `fedkb simulate` end to end.
 
-A real `fedkb serve` process, LiteRT on the devices, the scheduler reading each device's
-simulated daily state before every step. The CLI tests run the installed entry point on a
-tiny model so a whole simulation takes seconds.
+A real `fedkb serve` process, each emulated phone the edge runtime's own `Device` cycle with
+LiteRT training, the scheduler reading each device's simulated daily state before every step.
+The fleet knows its server only over HTTP: a test traces every file the fleet's processes touch
+and finds none of the server's. The CLI tests run the installed entry point on a tiny model so a
+whole simulation takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +21,15 @@ import numpy as np
 import pytest
 
 from datasets.prepared import load_prepared
+from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import can_continue
+from edge_runtime.model_store import ModelStore
+from fedkb_core.manifest import load_manifest
+from fedkb_core.protocol import RoundTask, to_json
 from simulation.availability import HOUR, AvailabilityConfig, DailyPattern
-from simulation.device_job import DeviceJob, run_device_job
+from simulation.device_job import ALWAYS_ELIGIBLE, DeviceJob, emulated_device, job_steps, run_device_job
 from simulation.fleet import POLICY, FleetConfig, ServerProcess
 from tests.conftest import write_jsonl
-from tests.fixtures_edge import enrolled_with_task
 from tests.fixtures_model import *  # noqa: F401,F403
 
 JOB_SECONDS = 2 * HOUR
@@ -50,17 +58,29 @@ def server(tiny_model, tmp_path):
 def test_device_whose_night_ends_mid_job_drops_out_and_one_that_stays_uploads(server, tiny_data, tmp_path):
     tokens = next(iter(load_prepared(tiny_data).train.values()))
     pattern = DailyPattern(device_index=3, utc_offset_hours=1.0, seed=7)
-    results = {}
+    store = ModelStore(tmp_path / "fleet_models")
+    results, homes = {}, {}
     for stays in (False, True):
-        device, task = enrolled_with_task(server.url, server.secret)
+        homes[stays] = tmp_path / "homes" / str(stays)
+        device = emulated_device(server.url, homes[stays], tokens, state=ScriptedDeviceState(ALWAYS_ELIGIBLE),
+                                 models=store)
+        try:
+            device.ensure_enrolled(server.secret)
+            task = device.request_task()  # its check-in also downloaded the current version
+        finally:
+            device.close()
+        assert isinstance(task, RoundTask), task
+        steps = job_steps(tokens, seq_len=load_manifest(store.current_dir()).seq_len, task=task)
         results[stays] = run_device_job(DeviceJob(
-            server.url, device.device_id, device.token, task, tokens, str(tmp_path / "cache"), seed=1,
+            server.url, str(homes[stays]), to_json(task), tokens, str(tmp_path / "workers"), seed=1,
             pattern=pattern, availability=AVAILABILITY, sim_start=_find_time(pattern, stays=stays),
-            job_seconds=JOB_SECONDS, policy=POLICY))
+            job_seconds=JOB_SECONDS, steps=steps, policy=POLICY))
     dropped, finished = results[False], results[True]
-    assert dropped.status == "dropped" and 0 < dropped.steps < finished.steps, (dropped, finished)
+    assert dropped.status == "dropped" and 0 < dropped.steps < finished.steps == steps, (dropped, finished)
     assert dropped.upload_bytes == 0
+    assert (homes[False] / "job.safetensors").is_file(), "an interrupted device keeps its job to resume"
     assert finished.status == "accepted" and finished.upload_bytes > 0
+    assert not (homes[True] / "outbox").exists() or not any((homes[True] / "outbox").iterdir())
     assert server.status()["round"]["accepted_updates"] == 1  # only the phone that stayed on its charger
 
 
@@ -158,8 +178,89 @@ def test_a_rerun_into_the_same_folder_uses_no_stale_model_versions(corpus, tmp_p
     for lr in ("1.0", "0.3"):  # different training, so the versions differ between the runs
         result = _simulate([*args, "--device-lr", lr], tmp_path)
         assert result.returncode == 0, result.stderr
-    cached = sorted((out / "device_cache").glob("worker-*/v*/manifest.json"))
+    cached = sorted((out / "device_cache").glob("**/v*/manifest.json"))  # the fleet's and every worker's
     assert cached, "the devices cached no model version"
     for manifest in cached:
         served = out / "server" / "models" / manifest.parent.name[1:] / "manifest.json"
         assert json.loads(manifest.read_text())["files"] == json.loads(served.read_text())["files"], manifest
+
+
+_FLEET_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from datasets.prepared import load_prepared
+from model.evaluation import EvalConfig
+from simulation.availability import AvailabilityConfig
+from simulation.fleet import FleetConfig, ServerAccess, run_fleet
+
+config = FleetConfig(**json.loads(sys.argv[3]), eval=EvalConfig(max_windows=32, recall_samples=10),
+                     availability=AvailabilityConfig(**json.loads(sys.argv[4])))
+server = ServerAccess(os.environ["SIM_URL"], os.environ["SIM_SECRET"], os.environ["SIM_ADMIN"])
+records = run_fleet(data=load_prepared(sys.argv[1]), model_dir=None, out=Path(sys.argv[2]), config=config,
+                    server=server, progress=False)
+print(json.dumps([[r.model_version, r.clients, r.eval.token_perplexity] for r in records]))
+"""
+# Every night lasts (almost) a whole day, on Wi-Fi and idle: every device can train every round.
+ALWAYS_NIGHT = dict(night_hours=[23.9, 23.95], skip_night_probability=0.0, wifi_at_night_probability=1.0,
+                    idle_fraction_of_night=1.0)
+
+
+def _paths_touched(trace: Path, cwd: Path) -> set[Path]:
+    """Every path a traced process passed to a file system call (open, stat, exec, ...)."""
+    paths = set()
+    for line in trace.read_text(errors="replace").splitlines():
+        for arg in re.findall(r'"((?:[^"\\]|\\.)*)"', line):
+            if "/" in arg or arg.startswith("."):
+                paths.add(Path(os.path.normpath(cwd / arg)))  # an absolute arg stays as it is
+    return paths
+
+
+def test_the_fleet_never_touches_the_servers_state_folder(tiny_model, tiny_data, tmp_path):
+    """The server keeps its state in `out/server`, exactly where the fleet's output goes and
+    where a fleet reading model files behind the server's back would look; strace follows the
+    fleet's process and its device workers and lists every path they hand to the kernel."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (Debian package `strace`)")
+    probe = subprocess.run([strace, "-f", "-qq", "-e", "trace=%file", "-o", os.devnull, "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.decode(errors='replace').strip()}")
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    fleet = dict(clients=4, clients_per_round=2, min_clients=2, rounds=2, workers=2, max_examples=16, job_minutes=0.0)
+    server = ServerProcess(state=out / "server", init_model=tiny_model, log_path=tmp_path / "server.log",
+                           config=FleetConfig(**fleet))
+    trace = tmp_path / "trace.txt"
+    try:
+        env = {**os.environ, "SIM_URL": server.url, "SIM_SECRET": server.secret, "SIM_ADMIN": server.admin}
+        result = subprocess.run([strace, "-f", "-qq", "-s", "4096", "-e", "trace=%file", "-o", str(trace),
+                                 sys.executable, "-c", _FLEET_SCRIPT, str(tiny_data), str(out), json.dumps(fleet),
+                                 json.dumps(ALWAYS_NIGHT)], cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        final = server.status()["model_version"]
+    finally:
+        server.stop()
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r[0] for r in records] == [1, 2, 3] == list(range(1, final + 1)) and [r[1] for r in records] == [0, 2, 2]
+
+    touched = _paths_touched(trace, cwd)
+    state = (out / "server").resolve()
+    assert (state / "models" / "3").is_dir(), "the server published its versions in its state folder"
+    # The trace saw the fleet at work (its own model store, a worker's downloaded version) ...
+    assert any(p.name == "trainable.tflite" and "workers" in p.parts for p in touched), "the trace missed the workers"
+    assert any(p.name == "manifest.json" and "fleet" in p.parts for p in touched)
+    # ... and never a path in the server's state folder.
+    assert not [p for p in touched if p == state or state in p.parents]
+
+    # The fleet evaluated the versions the server published: the same numbers from the server's own weights.
+    from datasets.tokenizer import load_tokenizer, word_start_table
+    from model.evaluation import EvalConfig, evaluate_weights
+    from model.weights import load_weights
+
+    data = load_prepared(tiny_data)
+    for version, _, token_perplexity in records:
+        weights = load_weights(state / "models" / str(version) / "weights.safetensors")
+        expected = evaluate_weights(weights, data.heldout, word_start_table(load_tokenizer(data.tokenizer_path)),
+                                    EvalConfig(max_windows=32, recall_samples=10)).token_perplexity
+        assert token_perplexity == pytest.approx(expected, rel=1e-6), version
