@@ -95,6 +95,8 @@ def _simulate(args, cwd, timeout=600):
     (["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
     (["--server-momentum", "0.9"], "--server-momentum applies to --server-optimizer sgd"),
     (["--dataset", "jsonl:/nonexistent/users.jsonl"], "/nonexistent/users.jsonl"),
+    (["--over-selection", "0.5"], "--over-selection must be at least 1.0, got 0.5"),
+    (["--job-minutes", "-1"], "--job-minutes must not be negative, got -1.0"),
 ])
 def test_bad_settings_fail_at_once_with_one_line(args, message, tmp_path):
     result = _simulate(["simulate", "--out", str(tmp_path / "out"), *args], tmp_path, timeout=120)

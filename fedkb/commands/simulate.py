@@ -39,6 +39,12 @@ def register(subparsers) -> None:
                        help="adam: FedAdam; sgd: FedAvg, or FedAvgM with --server-momentum")
     group.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (sgd only)")
     group.add_argument("--round-hours", type=float, default=1.0, help="simulated hours between rounds")
+    group.add_argument("--over-selection", type=float, default=None,
+                       help="tasks handed out per round as a multiple of its goal (default: the server's; 1.0: "
+                            "exactly the goal, for comparisons with --backend tff)")
+    group.add_argument("--job-minutes", type=float, default=None,
+                       help="simulated duration of a device's job, during which its night may end and it drops "
+                            "out (default: 10; 0: no dropout)")
     group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
     group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
@@ -61,12 +67,18 @@ def run(args) -> int:
         raise FedkbError(f"unknown dataset {args.dataset!r}; expected shakespeare, jsonl:PATH, csv:PATH or dir:PATH")
     if args.server_momentum and args.server_optimizer != "sgd":
         raise FedkbError("--server-momentum applies to --server-optimizer sgd (FedAvgM) only")
+    if args.over_selection is not None and args.over_selection < 1.0:
+        raise FedkbError(f"--over-selection must be at least 1.0, got {args.over_selection}")
+    if args.job_minutes is not None and args.job_minutes < 0:
+        raise FedkbError(f"--job-minutes must not be negative, got {args.job_minutes}")
+    unless_default = {k: v for k, v in (("over_selection", args.over_selection), ("job_minutes", args.job_minutes))
+                      if v is not None}
     server_lr = args.server_lr if args.server_lr is not None else (0.03 if args.server_optimizer == "adam" else 1.0)
     fleet = FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
         clip_norm=args.clip_norm, server_lr=server_lr, server_momentum=args.server_momentum,
-        server_optimizer=args.server_optimizer, round_hours=args.round_hours,
+        server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
     model = model_config_from_args(args, vocab_size=args.vocab_size)
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
