@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 
 from datasets.prepared import load_prepared
+from datasets.windows import make_windows
 from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import can_continue
+from edge_runtime.litert_model import TrainableCache
 from edge_runtime.model_store import ModelStore
+from edge_runtime.trainer import TrainingJob
 from fedkb_core.manifest import load_manifest
 from fedkb_core.protocol import RoundTask, to_json
 from simulation.availability import HOUR, AvailabilityConfig, DailyPattern
@@ -82,6 +85,26 @@ def test_device_whose_night_ends_mid_job_drops_out_and_one_that_stays_uploads(se
     assert finished.status == "accepted" and finished.upload_bytes > 0
     assert not (homes[True] / "outbox").exists() or not any((homes[True] / "outbox").iterdir())
     assert server.status()["round"]["accepted_updates"] == 1  # only the phone that stayed on its charger
+
+
+def test_a_workers_devices_share_one_warm_interpreter_that_starts_every_job_from_the_versions_weights(
+        tiny_model, tmp_path):
+    cache = TrainableCache()
+    model, weights = cache.load(tiny_model)
+    task = RoundTask(round_id=1, model_version=1, learning_rate=1.0, epochs=1, batch_size=model.batch_size,
+                     max_examples=8, clip_norm=1.0, deadline=float("inf"))
+    windows = make_windows(np.arange(4, 60, dtype=np.int32), model.seq_len)
+    job = TrainingJob(model, weights, windows, task, seed=0)
+    for step in range(job.total_steps):  # one device's job trains the shared interpreter's weights away
+        job.run_step(step)
+    again, weights_again = cache.load(tiny_model)
+    assert again is model and cache.loads == 1
+    for name, value in weights.items():  # the next device starts from the version's weights, not those
+        np.testing.assert_array_equal(weights_again[name], value)
+    assert any(not np.array_equal(model.get_weights()[k], weights[k]) for k in weights)
+    other = tmp_path / "v1"
+    shutil.copytree(tiny_model, other)
+    assert cache.load(other)[0] is not model and cache.loads == 2  # another folder: another version
 
 
 def _simulate(args, cwd, timeout=600):
