@@ -2,8 +2,9 @@
 
 No module-level app exists (see Flask's tutorial factory): tests build as many servers as they
 like, each on its own state directory. The factory prepares the state directory (database, first
-model version), registers one blueprint per concern, the single JSON error handler and the
-metrics registry, and starts the background worker that folds, closes and publishes.
+model version), registers one blueprint per concern, the single JSON error handler, the security
+headers (`aggregator.headers`) and the metrics registry, and starts the background worker that
+folds, closes and publishes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flask import Flask
 from aggregator import db, logs
 from aggregator.config import AggregatorConfig, ConfigError, load_config
 from aggregator.errors import register_error_handlers
+from aggregator.headers import add_security_headers
 from aggregator.limits import update_size_limit
 from aggregator.metrics import Metrics
 from aggregator.model_store import ModelStore
@@ -79,6 +81,7 @@ def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Fl
     app.config["MAX_CONTENT_LENGTH"] = _largest_body(config, store)
 
     register_error_handlers(app)
+    app.after_request(add_security_headers)
     db.init_app(app)
     from aggregator.routes import enrollment, models, operators, training
 

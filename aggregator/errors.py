@@ -70,9 +70,16 @@ class Unavailable(ApiError):
 _UPDATE_STATUS = {"stale_model_version": 409, "round_closed": 409, "already_submitted": 409}
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 411: "length_required", 413: "payload_too_large",
-               415: "unsupported_media_type", 429: "too_many_requests", 500: "internal_error",
-               503: "unavailable"}
+               405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
+               413: "payload_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+               417: "expectation_failed", 429: "too_many_requests", 431: "request_header_fields_too_large",
+               500: "internal_error", 501: "not_implemented", 503: "unavailable",
+               505: "http_version_not_supported"}
+
+
+def http_error_code(status: int) -> str:
+    """The stable `error` code of an HTTP status the server answers without a more precise one."""
+    return _HTTP_CODES.get(status, f"http_{status}")
 
 
 def _body(code: str, message: str, status: int, headers: dict | None = None):
@@ -101,7 +108,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(err: HTTPException):
         status = err.code or 500
-        return _body(_HTTP_CODES.get(status, f"http_{status}"), err.description or err.name, status)
+        return _body(http_error_code(status), err.description or err.name, status)
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):

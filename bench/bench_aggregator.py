@@ -292,7 +292,7 @@ def run_case(tmp: Path, factory: UpdateFactory, model: Path, *, goal: int, updat
         result = _drive(server.url, factory, updates=updates, clients=clients, server_pids=server.pids)
         versions = 1 + updates // goal
         download = _time_to_download(server.url, versions, result["last_accept"])
-        status = requests.get(f"{server.url}/v1/status").json()
+        status = requests.get(f"{server.url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         latest = requests.get(f"{server.url}/v1/models/latest").json()["files"]
         rss_peak = server.peak_rss_mb()
     finally:

@@ -10,7 +10,8 @@ Endpoints (docs/architecture.md):
     GET  /v1/models/<version>/<file>      -> file bytes, ETag = sha256
     POST /v1/checkin                      CheckinRequest -> CheckinResponse
     POST /v1/rounds/<round_id>/updates    safetensors body (fedkb_core.wire) -> UploadResponse
-    GET  /v1/status, GET /metrics, GET /
+    GET  /v1/status, GET /                public status, dashboard (aggregator/routes/operators.py)
+    GET  /v1/admin/status, GET /metrics   operator status, Prometheus (admin bearer token)
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ class ServerAccess:
         self.url, self.secret, self.admin = url.rstrip("/"), secret, admin
 
     def status(self) -> dict:
-        return requests.get(f"{self.url}/v1/status", timeout=10).json()
+        return requests.get(f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {self.admin}"},
+                            timeout=10).json()
 
     def end_round(self) -> None:
         requests.post(f"{self.url}/v1/admin/rounds/current/end", headers={"Authorization": f"Bearer {self.admin}"},

@@ -58,9 +58,10 @@ class ServerThread:
         from werkzeug.serving import make_server
 
         from aggregator.app import create_app
+        from aggregator.server_errors import JsonErrorRequestHandler
 
         self.app = create_app(overrides)
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=JsonErrorRequestHandler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -122,7 +123,10 @@ def random_deltas(shapes: dict, seed: int, scale: float = 0.1) -> dict[str, np.n
 
 
 def status(url: str) -> dict:
-    return requests.get(f"{url}/v1/status").json()
+    """The operator's full status (`/v1/admin/status`)."""
+    r = requests.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):

@@ -274,7 +274,7 @@ def test_round_below_minimum_is_abandoned_at_deadline(make_server, weights_model
     late = device.upload(task.round_id, device.body(task, random_deltas(TINY_SHAPES, 1)))
     assert (late.status_code, late.json()["error"]) == (409, "already_submitted")
     assert not (srv.state.config.state_dir / "inbox" / str(task.round_id)).exists()
-    metrics = requests.get(f"{srv.url}/metrics").text
+    metrics = requests.get(f"{srv.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     assert 'fedkb_rounds_total{outcome="abandoned"} 1.0' in metrics
 
 
@@ -294,14 +294,15 @@ def test_operator_views(server):
     devices = _enrolled(server.url, 1)
     t = devices[0].task()
     devices[0].upload(t.round_id, devices[0].body(t, random_deltas(TINY_SHAPES, 0)))
-    metrics = requests.get(f"{server.url}/metrics")
+    metrics = requests.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
     assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
     for line in ("fedkb_updates_accepted_total 1.0", "fedkb_model_version 1.0", "fedkb_round_accepted_updates 1.0",
                  "fedkb_publish_seconds_bucket", 'fedkb_request_seconds_count{endpoint="upload"} 1.0'):
         assert line in metrics.text
-    page = requests.get(f"{server.url}/")
-    assert page.status_code == 200 and "<svg" in page.text and "/v1/status" in page.text and "http" not in \
-        page.text.split("<script>")[1].replace("http://www.w3.org", "")
+    page, script = requests.get(f"{server.url}/"), requests.get(f"{server.url}/static/dashboard.js")
+    assert page.status_code == 200 and "<svg" in page.text and "http" not in page.text  # nothing from elsewhere
+    assert script.status_code == 200 and "/v1/status" in script.text and "http" not in \
+        script.text.replace("http://www.w3.org", "")
     ev = requests.post(f"{server.url}/v1/admin/evaluations", headers={"Authorization": f"Bearer {ADMIN}"},
                        json={"model_version": 1, "eval": {"token_perplexity": 120.5, "top1": 0.12}})
     assert ev.status_code == 200

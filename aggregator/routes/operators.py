@@ -1,7 +1,13 @@
 """Operator endpoints: status JSON, Prometheus metrics, the dashboard page and admin actions.
 
-Reading (status, metrics, dashboard) needs no token: put the server behind your network policy.
-Changing anything (`/v1/admin/...`) needs the admin bearer token.
+What anyone may read (`GET /v1/status`, the page `/` and its files) is what a device or a
+passer-by learns anyway: that the server is up, the current model version (every version's files
+are public downloads), and whether a round is open, for which version, until when. Everything
+that describes the fleet or the machine needs the admin bearer token: round progress and device
+counts, per-update norms, rejections by reason, evaluations, the worker's errors, the
+configuration with its paths (`GET /v1/admin/status`), and Prometheus (`GET /metrics`; a
+scraper sends the token, e.g. Prometheus' `authorization: {credentials_file: ...}`). Changing
+anything (`POST /v1/admin/...`) needs the same token.
 """
 
 from __future__ import annotations
@@ -14,12 +20,16 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator import db
-from aggregator.dashboard import DASHBOARD_HTML
+from aggregator.dashboard import dashboard_html
 from aggregator.errors import Conflict, NotFound
 from aggregator.routes import json_body, require_admin, server
 from fedkb_core.protocol import EvaluationRequest
 
 bp = Blueprint("operators", __name__)
+
+# The parts of a round and of a version that say nothing about the fleet.
+PUBLIC_ROUND_FIELDS = ("id", "state", "model_version", "opened_at", "deadline")
+PUBLIC_VERSION_FIELDS = ("version", "parent_version", "round_id", "created_at")
 
 
 def _round_json(conn, round_) -> dict:
@@ -29,10 +39,26 @@ def _round_json(conn, round_) -> dict:
     return body
 
 
-@bp.get("/v1/status")
-def status():
-    """The active round and its counts, recent rounds with their outcomes, and version history."""
-    state, conn = server(), db.get_db()
+def _uncached(body: dict) -> Response:
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def public_status(conn) -> dict:
+    """What `GET /v1/status` shows anyone: liveness, the current version, the open round's timing."""
+    active = db.active_round(conn)
+    return {
+        "time": time.time(),
+        "model_version": db.latest_version(conn),
+        "round": {k: getattr(active, k) for k in PUBLIC_ROUND_FIELDS} if active else None,
+        "versions": [{k: v[k] for k in PUBLIC_VERSION_FIELDS} for v in db.versions(conn)],
+    }
+
+
+def operator_status(conn, state) -> dict:
+    """Everything the operator's dashboard shows: the active round and its counts, recent rounds
+    with their outcomes, version history with evaluations, update norms, totals, worker, config."""
     active = db.active_round(conn)
     recent = db.recent_rounds(conn, 20)
     versions = db.versions(conn)
@@ -42,37 +68,57 @@ def status():
     # The chart shows the norms of the active round, or of the last finished one while it is empty.
     norms_round = active if active is not None and active.accepted else next(
         (r for r in recent if r.accepted), None)
-    return jsonify(
-        time=time.time(),
-        model_version=db.latest_version(conn),
-        round=_round_json(conn, active) if active else None,
-        last_round=_round_json(conn, next((r for r in recent if r.state in ("closed", "abandoned")), None))
-        if any(r.state in ("closed", "abandoned") for r in recent) else None,
-        rounds=[{"id": r.id, "state": r.state, "model_version": r.model_version, "accepted": r.accepted,
-                 "assigned": r.assigned, "goal_clients": r.goal_clients, "min_clients": r.min_clients,
-                 "outcome": r.outcome, "published_version": r.published_version,
-                 "aggregate_seconds": r.aggregate_seconds, "publish_seconds": r.publish_seconds,
-                 "opened_at": r.opened_at, "closed_at": r.closed_at} for r in recent],
-        versions=versions,
-        update_norms={"round_id": norms_round.id, "clip_norm": norms_round.clip_norm,
-                      "norms": db.update_norms(conn, norms_round.id)} if norms_round else None,
-        rejected_total=db.rejections(conn),
-        totals=db.totals(conn),
-        worker={"holds_lock": state.worker.lock.held, "last_error": state.worker.last_error},
-        config=state.config.public_json(),
-    )
+    last = next((r for r in recent if r.state in ("closed", "abandoned")), None)
+    return {
+        "time": time.time(),
+        "model_version": db.latest_version(conn),
+        "round": _round_json(conn, active) if active else None,
+        "last_round": _round_json(conn, last) if last else None,
+        "rounds": [{"id": r.id, "state": r.state, "model_version": r.model_version, "accepted": r.accepted,
+                    "assigned": r.assigned, "goal_clients": r.goal_clients, "min_clients": r.min_clients,
+                    "outcome": r.outcome, "published_version": r.published_version,
+                    "aggregate_seconds": r.aggregate_seconds, "publish_seconds": r.publish_seconds,
+                    "opened_at": r.opened_at, "closed_at": r.closed_at} for r in recent],
+        "versions": versions,
+        "update_norms": {"round_id": norms_round.id, "clip_norm": norms_round.clip_norm,
+                         "norms": db.update_norms(conn, norms_round.id)} if norms_round else None,
+        "rejected_total": db.rejections(conn),
+        "totals": db.totals(conn),
+        "worker": {"holds_lock": state.worker.lock.held, "last_error": state.worker.last_error},
+        "config": state.config.public_json(),
+    }
+
+
+@bp.get("/v1/status")
+def status():
+    """The public status (no token): see the module docstring for what it holds and why."""
+    return _uncached(public_status(db.get_db()))
+
+
+@bp.get("/v1/admin/status")
+def admin_status():
+    """The operator's status: the public fields and every detail.
+
+    :raise 401: missing or wrong admin token.
+    """
+    require_admin()
+    return _uncached(operator_status(db.get_db(), server()))
 
 
 @bp.get("/metrics")
 def metrics():
-    """Prometheus text exposition of this app's registry."""
+    """Prometheus text exposition of this app's registry.
+
+    :raise 401: missing or wrong admin token.
+    """
+    require_admin()
     return Response(generate_latest(server().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/")
 def dashboard():
-    """A one-page dashboard that polls /v1/status (no external scripts)."""
-    return Response(DASHBOARD_HTML, mimetype="text/html")
+    """The operator's page; its script and style are files under /static/ (see aggregator/dashboard.py)."""
+    return Response(dashboard_html(), mimetype="text/html")
 
 
 @bp.post("/v1/admin/rounds/current/end")

@@ -98,9 +98,10 @@ def _serve_werkzeug(config, host: str, port: int) -> int:
     from werkzeug.serving import make_server
 
     from aggregator.app import create_app
+    from aggregator.server_errors import JsonErrorRequestHandler
 
     app = create_app(config)
-    server = make_server(host, port, app, threaded=True)
+    server = make_server(host, port, app, threaded=True, request_handler=JsonErrorRequestHandler)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"fedkb serve: listening on http://{host}:{server.server_port} (state {config.state_dir})", flush=True)
     try:
@@ -127,7 +128,9 @@ def _serve_gunicorn(config, host: str, port: int, workers: int, threads: int) ->
 
     class _Server(BaseApplication):
         def load_config(self):
-            settings = {"bind": f"{host}:{port}", "workers": workers, "threads": threads, "worker_class": "gthread",
+            settings = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                        # gthread, answering its own parse errors (431, 414, ...) in JSON
+                        "worker_class": "aggregator.server_errors.JsonErrorThreadWorker",
                         "timeout": 120, "graceful_timeout": 10, "accesslog": None,
                         # gunicorn >= 25 opens a control socket in $HOME by default, shared by every
                         # instance of the user; fedkb does not use it.
