@@ -16,7 +16,7 @@ import sqlite3
 import requests
 
 from aggregator.db import COUNTER_CAP, DB_FILE
-from tests.fixtures_aggregator import Device, ServeProcess, make_weights_model, status
+from tests.fixtures_aggregator import ADMIN, Device, ServeProcess, make_weights_model, status
 
 CLAIMS = (9223372036854775807, 10 ** 18, 99999999999999999999999)
 
@@ -37,7 +37,9 @@ def _post_claiming(url: str, path: str, token: str, claimed_length: int) -> tupl
 
 
 def _reads(url: str) -> tuple[dict, str]:
-    s, m = requests.get(f"{url}/v1/status", timeout=10), requests.get(f"{url}/metrics", timeout=10)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    s, m = (requests.get(f"{url}/v1/admin/status", headers=admin, timeout=10),
+            requests.get(f"{url}/metrics", headers=admin, timeout=10))
     assert s.status_code == 200, s.text
     assert m.status_code == 200, m.text
     return s.json(), m.text
