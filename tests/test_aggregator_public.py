@@ -44,6 +44,12 @@ def break_the_worker(srv, seed: int = 99) -> str:
     return wait_for(lambda: status(srv.url)["worker"]["last_error"], what="the worker pass to fail")
 
 
+def repair_the_worker(srv) -> None:
+    """Undo `break_the_worker`: the next pass checkpoints again and the error clears."""
+    (srv.state.config.state_dir / "sums").unlink()
+    wait_for(lambda: status(srv.url)["worker"]["last_error"] is None, what="the worker to recover")
+
+
 @pytest.fixture
 def busy_server(make_server, weights_model):
     """A server whose open round holds two accepted updates."""
@@ -79,6 +85,7 @@ def test_public_status_shows_no_paths_norms_counts_or_errors(busy_server):
     for leak in (str(srv.state.config.state_dir), str(srv.state.config.init_model), error, "Error",
                  *(json.dumps(n) for n in norms), "devices", "accepted", "assigned", "rejected", "clip_norm", "eval"):
         assert leak not in text, leak
+    repair_the_worker(srv)
 
 
 def test_operator_status_and_metrics_need_the_admin_token(busy_server):

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.fixtures_aggregator import ADMIN, make_server, status, weights_model  # noqa: F401
-from tests.test_aggregator_public import break_the_worker, upload_updates
+from tests.test_aggregator_public import break_the_worker, repair_the_worker, upload_updates
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HOSTILE_NAMES = ('<img src=x onerror="window.__pwned=1">', '"><svg onload="window.__pwned=2">',
@@ -166,12 +166,13 @@ def test_dashboard_shows_a_round_in_progress_and_escapes_what_it_relays(browser,
     _assert_nothing_injected(browser)
     browser.save_screenshot(str(tmp_path / "dashboard-operator.png"))
 
-    # The page keeps polling: a new evaluation shows without a reload.
+    # The page keeps polling: the worker recovers and a new evaluation shows, without a reload.
     polls = _polls(browser)
+    repair_the_worker(srv)
     assert requests.post(f"{srv.url}/v1/admin/evaluations", headers={"Authorization": f"Bearer {ADMIN}"},
                          json={"model_version": 1, "eval": {"top3": 0.25}}).status_code == 200
     _wait(browser, lambda d: "top3=0.25" in _text(d, "#versions"), "the next poll to show the new evaluation")
-    assert _polls(browser) > polls
+    assert _polls(browser) > polls and browser.find_elements("id", "worker-error") == []
 
     # The token lives in this tab's sessionStorage: a reload keeps the operator view; "Forget" drops it.
     browser.refresh()
