@@ -6,6 +6,11 @@ server never serves: `weights.safetensors` (the global float32 weights, so aggre
 an interpreter) and `optimizer.safetensors` (the server momentum buffer, when momentum is on).
 Keeping the optimizer state inside the version folder makes "new weights + new momentum + new
 files" one unit that appears atomically with the folder's rename.
+
+Every version folder also holds `manifest.sig`, the Ed25519 signature of its manifest.json
+(`fedkb_core.signing`), made with the state folder's `signing_key.pem` (created on first use,
+0600; `public_key.pem` beside it is what the app pins). A version published before signing
+existed is signed the first time its signature is asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from safetensors.numpy import load_file, save
 from fedkb_core.durable import atomic_folder, atomic_write, remove_temps
 from fedkb_core.manifest import Manifest, ManifestError, load_manifest, verify_files
 from fedkb_core.model_files import read_weights
+from fedkb_core.signing import SIGNATURE_FILE, ManifestSigner, load_or_create_signing_key, sign_folder
 from fedkb_core.wire import WeightSpec
 from model.derived import DERIVED
 
@@ -35,12 +41,41 @@ def save_tensors(path: Path, tensors: Tensors, metadata: dict[str, str] | None =
 
 
 class ModelStore:
-    """Read access to published versions, with manifests and weights cached (versions never change)."""
+    """Read access to published versions, with manifests and weights cached (versions never change).
 
-    def __init__(self, root: Path):
+    Args:
+        root: `<state>/models`.
+        key_dir: the folder of `signing_key.pem` (default: the state folder, `root`'s parent).
+    """
+
+    def __init__(self, root: Path, *, key_dir: Path | None = None):
         self.root = Path(root)
+        self.key_dir = Path(key_dir) if key_dir is not None else self.root.parent
         self._lock = threading.Lock()
         self._manifests: dict[int, Manifest] = {}
+        self._signer: ManifestSigner | None = None
+
+    @property
+    def signer(self) -> ManifestSigner:
+        """The state folder's manifest signer (its key created on first use)."""
+        with self._lock:
+            if self._signer is None:
+                self._signer = load_or_create_signing_key(self.key_dir)
+            return self._signer
+
+    def sign(self, folder: Path) -> None:
+        """Sign the manifest.json in `folder` (a version being published)."""
+        sign_folder(folder, self.signer)
+
+    def signature_bytes(self, version: int) -> bytes:
+        """The version's `manifest.sig`, signing it now if it predates signing.
+
+        Ed25519 signatures are deterministic, so two processes doing this at once write the
+        same bytes."""
+        path = self.version_dir(version) / SIGNATURE_FILE
+        if not path.is_file():
+            self.sign(self.version_dir(version))
+        return path.read_bytes()
 
     def version_dir(self, version: int) -> Path:
         return self.root / str(int(version))
@@ -104,6 +139,7 @@ class ModelStore:
             for name in [*manifest.files, "manifest.json"]:
                 shutil.copyfile(model_dir / name, staging / name)
             save_tensors(staging / WEIGHTS_FILE, {k: np.asarray(v, np.float32) for k, v in weights.items()})
+            self.sign(staging)
         return manifest
 
 

@@ -2,8 +2,9 @@
 
 Only the weights change between versions, so no converter runs: the trainable and inference
 TFLite files of the parent version are copied with their weight buffers rewritten in place
-(`fedkb_core.model_files`), the tokenizer is linked, the manifest is written last with fresh sha256s, and
-the finished folder is renamed from a temporary name to `models/<v>` (`fedkb_core.durable.atomic_folder`). A device never sees a
+(`fedkb_core.model_files`), the tokenizer is linked, the manifest is written last with fresh sha256s
+and signed (`manifest.sig`, `fedkb_core.signing`), and the finished folder is renamed from a
+temporary name to `models/<v>` (`fedkb_core.durable.atomic_folder`). A device never sees a
 half-written version: before the rename the version does not exist, after it every file is there.
 This runs in the background worker, never in a request.
 """
@@ -84,4 +85,5 @@ def publish_version(store: ModelStore, *, parent: int, version: int, weights: Te
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra={**parent_manifest.extra, **(extra or {})})
         write_manifest(tmp, manifest)
+        store.sign(tmp)  # manifest.sig: what devices verify before they read anything else
     return manifest

@@ -2,6 +2,8 @@
 
 A version's files never change after publishing, so they are served with their manifest sha256
 as a strong ETag and a long cache lifetime; `If-None-Match` answers 304 and `Range` works.
+`manifest.sig` (the manifest's Ed25519 signature) is served beside every manifest, and
+`/v1/models/signing-key` gives the public key a device pins when its app ships none.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from aggregator import db
 from aggregator.errors import NotFound
 from aggregator.routes import server
 from fedkb_core.manifest import MANIFEST_FILE, sha256_bytes
+from fedkb_core.signing import SIGNATURE_FILE
 
 bp = Blueprint("models", __name__)
 
@@ -33,6 +36,15 @@ def latest():
     return response
 
 
+@bp.get("/v1/models/signing-key")
+def signing_key():
+    """The public key that verifies every manifest.sig (PEM), and its id."""
+    signer = server().store.signer
+    response = Response(signer.public_pem(), mimetype="application/x-pem-file")
+    response.headers["X-Key-Id"] = signer.key_id
+    return response
+
+
 @bp.get("/v1/models/<int:version>/<string:filename>")
 def model_file(version: int, filename: str):
     """One file of a published version.
@@ -45,6 +57,8 @@ def model_file(version: int, filename: str):
         raise NotFound(f"model version {version} does not exist", code="unknown_version")
     if filename == MANIFEST_FILE:
         return _manifest_response(version)
+    if filename == SIGNATURE_FILE:
+        return Response(store.signature_bytes(version), mimetype="application/json")
     entry = store.manifest(version).files.get(filename)
     if entry is None:
         raise NotFound(f"version {version} has no file {filename!r}", code="unknown_file")
