@@ -10,23 +10,34 @@ Uploads are idempotent: the same bytes are re-sent on every attempt, and the ser
 repeat of an update it already stored as a duplicate of the first, so an update whose answer
 was lost is never counted twice. A "round closed" or "stale model version" answer means the
 update came too late to matter: it is dropped quietly (status "dropped"), not raised.
+
+Every reply is read as a stream against the device's own byte budget (`bounds.DownloadLimits`):
+a JSON answer, a manifest or a file that goes past it is cut off there, so an endless or huge
+body costs the device at most the budget in memory or on disk. A reply that is not the JSON the
+protocol describes is a `BadReply`, never an exception from deep inside the parser.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
 
+from edge_runtime.bounds import DownloadLimits
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import Manifest, ManifestError
-from fedkb_core.protocol import CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, EnrollResponse, to_json
+from fedkb_core.protocol import (CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, EnrollResponse,
+                                 ProtocolError, to_json)
+from fedkb_core.signing import MAX_SIGNATURE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,19 @@ class ServerUnavailable(FedkbError):
 
 class DownloadTooLarge(FedkbError):
     """A download went past the size it was allowed; it was stopped and its partial file removed."""
+
+
+class BadReply(FedkbError):
+    """The server answered, but not with what the protocol says: too large, not JSON, wrong fields.
+
+    `code` is "reply_too_large" or "bad_reply" (the cycle's reason)."""
+
+    def __init__(self, message: str, *, code: str = "bad_reply"):
+        super().__init__(message)
+        self.code = code
+
+
+_CREDENTIAL = re.compile(r"[A-Za-z0-9._~+/=-]{1,512}")  # what may go into an Authorization header
 
 
 # What enrollment returns is what the device keeps: its id and bearer token.
@@ -100,13 +124,14 @@ class ServerClient:
         timeout: seconds per request (connect and read).
         seed: seeds the jitter (deterministic tests); None draws from the OS.
         sleep: how to wait (injectable; tests count the waits).
+        limits: the byte budgets for replies (JSON, manifest).
     """
 
     def __init__(self, base_url: str, *, credentials: Credentials | None = None, retry: RetryPolicy = RetryPolicy(),
                  timeout: float = 30.0, session: requests.Session | None = None, seed: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, limits: DownloadLimits = DownloadLimits()):
         self.base_url = base_url.rstrip("/")
-        self.credentials, self.retry, self.timeout = credentials, retry, timeout
+        self.credentials, self.retry, self.timeout, self.limits = credentials, retry, timeout, limits
         self._http = session or requests.Session()
         self._rng = random.Random(seed)
         self._sleep = sleep
@@ -124,8 +149,11 @@ class ServerClient:
         return {"Authorization": f"Bearer {self.credentials.token}"}
 
     def _request(self, method: str, path: str, *, auth: bool = True, ok: tuple[int, ...] = (200, 201),
-                 passthrough: tuple[int, ...] = (), stream: bool = False, **kwargs) -> tuple[requests.Response, int]:
+                 passthrough: tuple[int, ...] = (), **kwargs) -> tuple[requests.Response, int]:
         """Send with retries; return (response, attempts) for a status in `ok` or `passthrough`.
+
+        The body is not read yet (always streamed): read it with `_read_capped` / `_json_reply`
+        and close the response.
 
         Raises:
             ServerError: any other 4xx (not retried: sending the same request again would not help).
@@ -137,7 +165,7 @@ class ServerClient:
         for attempt in range(self.retry.max_attempts):
             retry_after = 0.0
             try:
-                response = self._http.request(method, url, headers=headers, timeout=self.timeout, stream=stream,
+                response = self._http.request(method, url, headers=headers, timeout=self.timeout, stream=True,
                                               **kwargs)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                 problem = f"{type(err).__name__}: {err}"
@@ -145,7 +173,7 @@ class ServerClient:
                 if response.status_code in ok or response.status_code in passthrough:
                     return response, attempt + 1
                 if response.status_code < 500 and response.status_code != 429:
-                    raise _server_error(response)
+                    raise self._server_error(response)
                 problem = f"HTTP {response.status_code}"
                 retry_after = _retry_after(response.headers.get("Retry-After"), self.retry.max_retry_after)
                 response.close()
@@ -156,33 +184,108 @@ class ServerClient:
                 self._sleep(delay)
         raise ServerUnavailable(f"{method} {url}: no answer after {self.retry.max_attempts} attempts ({problem})")
 
+    # Bounded reading -------------------------------------------------------------------------
+    def _read_capped(self, response: requests.Response, limit: int, what: str) -> bytes:
+        """The body, or BadReply("reply_too_large") as soon as it passes `limit` bytes."""
+        try:
+            parts, size = [], 0
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise BadReply(f"{what}: the reply is larger than the {limit} bytes this device reads; "
+                                   "stopped", code="reply_too_large")
+                parts.append(chunk)
+            return b"".join(parts)
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as err:
+            raise ServerUnavailable(f"{what}: the reply broke off ({type(err).__name__})") from None
+        finally:
+            response.close()
+
+    def _json_reply(self, response: requests.Response, what: str, *, limit: int | None = None):
+        """The body parsed as JSON (at most `limit` bytes, default `max_json_bytes`)."""
+        body = self._read_capped(response, self.limits.max_json_bytes if limit is None else limit, what)
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as err:  # RecursionError: "[[[[..." nested past the stack
+            raise BadReply(f"{what}: the reply is not JSON ({type(err).__name__}: {str(err)[:100]})") from None
+
+    def _json_or_empty(self, response: requests.Response, what: str) -> dict:
+        try:
+            body = self._json_reply(response, what)
+        except BadReply:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _server_error(self, response: requests.Response) -> ServerError:
+        body = self._json_or_empty(response, f"HTTP {response.status_code}")
+        return ServerError(response.status_code, _short(body.get("error"), f"http_{response.status_code}"),
+                           _short(body.get("message"), ""))
+
     # API --------------------------------------------------------------------------------------
     def enroll(self, enrollment_secret: str, *, platform: str = "linux") -> Credentials:
         """Join the fleet; the returned credentials are also kept by this client.
 
         Raises:
             ServerError: 403 `bad_enrollment_secret` for a wrong secret.
+            BadReply: an answer without a usable device id and token.
         """
         body = to_json(EnrollRequest(enrollment_secret=enrollment_secret, platform=platform))
         response, _ = self._request("POST", "/v1/devices", auth=False, json=body)
-        answer = EnrollResponse(**{k: response.json()[k] for k in ("device_id", "token")})
-        self.credentials = Credentials(answer.device_id, answer.token)
+        answer = self._json_reply(response, "POST /v1/devices")
+        values = [answer.get(k) if isinstance(answer, dict) else None for k in ("device_id", "token")]
+        if not all(isinstance(v, str) and _CREDENTIAL.fullmatch(v) for v in values):
+            raise BadReply("POST /v1/devices: the enrollment answer has no valid device_id and token "
+                           "(1-512 characters of A-Z a-z 0-9 . _ ~ + / = -)")
+        self.credentials = Credentials(*values)
         return self.credentials
 
     def checkin(self, state: DeviceState, model_version: int | None) -> CheckinResponse:
-        """Ask for work: a task for the open round, or how long to wait."""
+        """Ask for work: a task for the open round, or how long to wait.
+
+        Raises:
+            BadReply: an answer that is not a check-in response (too large, not JSON, bad fields).
+        """
         body = to_json(CheckinRequest(model_version=model_version, state=state))
         response, _ = self._request("POST", "/v1/checkin", json=body)
-        return CheckinResponse.from_json(response.json())
+        answer = self._json_reply(response, "POST /v1/checkin")
+        try:
+            return CheckinResponse.from_json(answer)
+        except (ProtocolError, TypeError, ValueError) as err:
+            raise BadReply(f"POST /v1/checkin: {str(err)[:200]}") from None
 
     def manifest(self, version: int | None = None) -> tuple[Manifest, bytes]:
-        """The manifest of `version` (default: the latest), parsed and as raw bytes."""
+        """The manifest of `version` (default: the latest), parsed and as raw bytes.
+
+        Raises:
+            ManifestError: not a manifest (too large, not JSON, missing fields): a bad download.
+        """
         path = "/v1/models/latest" if version is None else f"/v1/models/{version}/manifest.json"
         response, _ = self._request("GET", path, auth=False)
         try:
-            return Manifest.from_json(response.json(), where=path), response.content
-        except ValueError as err:  # ManifestError for the model store: a bad download, not a crash
-            raise ManifestError(f"{path}: the server sent a manifest that is not JSON ({err})") from None
+            raw = self._read_capped(response, self.limits.max_manifest_bytes, f"GET {path}")
+            body = json.loads(raw)
+        except BadReply as err:
+            raise ManifestError(str(err)) from None
+        except (ValueError, RecursionError) as err:
+            raise ManifestError(f"{path}: the server sent a manifest that is not JSON ({type(err).__name__})") from None
+        if not isinstance(body, dict):
+            raise ManifestError(f"{path}: the manifest is not a JSON object")
+        return Manifest.from_json(body, where=path), raw
+
+    def manifest_signature(self, version: int) -> bytes | None:
+        """The version's `manifest.sig`, or None when the server has none (404)."""
+        path = f"/v1/models/{version}/manifest.sig"
+        response, _ = self._request("GET", path, auth=False, ok=(200,), passthrough=(404,))
+        if response.status_code == 404:
+            response.close()
+            return None
+        return self._read_capped(response, MAX_SIGNATURE_BYTES, f"GET {path}")
+
+    def signing_key(self) -> bytes:
+        """The server's model signing public key (PEM): what a device with none configured pins."""
+        response, _ = self._request("GET", "/v1/models/signing-key", auth=False, ok=(200,))
+        return self._read_capped(response, 16 * 1024, "GET /v1/models/signing-key")
 
     def download(self, version: int, filename: str, dest: Path, *, max_bytes: int | None = None) -> int:
         """Stream one file of a version into `dest` (fsynced); return its size in bytes.
@@ -193,7 +296,7 @@ class ServerClient:
         """
         path = f"/v1/models/{version}/{filename}"
         for attempt in range(self.retry.max_attempts):
-            response, _ = self._request("GET", path, auth=False, stream=True)
+            response, _ = self._request("GET", path, auth=False)
             try:
                 size = 0
                 with open(dest, "wb") as f:
@@ -228,11 +331,12 @@ class ServerClient:
         response, attempts = self._request(
             "POST", f"/v1/rounds/{round_id}/updates", data=body, ok=(200,), passthrough=(400, 403, 404, 409, 413),
             headers={"Content-Type": "application/octet-stream"})
-        answer = _json_or_empty(response)
+        answer = self._json_or_empty(response, f"POST /v1/rounds/{round_id}/updates")
         if response.status_code == 200:
-            status = "duplicate" if answer.get("duplicate") else "accepted"
-            return UploadResult(status, attempts, update_id=answer.get("update_id"), server_norm=answer.get("update_norm"))
-        code, message = answer.get("error", f"http_{response.status_code}"), answer.get("message", response.text[:200])
+            status = "duplicate" if answer.get("duplicate") is True else "accepted"
+            return UploadResult(status, attempts, update_id=_number(answer.get("update_id"), int),
+                                server_norm=_number(answer.get("update_norm"), float))
+        code, message = _short(answer.get("error"), f"http_{response.status_code}"), _short(answer.get("message"), "")
         if code in DROP_CODES:
             log.info("round %d: update dropped (%s: %s)", round_id, code, message)
             return UploadResult("dropped", attempts, code=code, message=message)
@@ -240,18 +344,20 @@ class ServerClient:
         return UploadResult("rejected", attempts, code=code, message=message)
 
 
-def _json_or_empty(response: requests.Response) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+def _short(value, default: str, limit: int = 300) -> str:
+    """A server-given string as the device logs it: printable, bounded."""
+    if not isinstance(value, str):
+        return default
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
-def _server_error(response: requests.Response) -> ServerError:
-    body = _json_or_empty(response)
-    return ServerError(response.status_code, str(body.get("error", f"http_{response.status_code}")),
-                       str(body.get("message", response.text[:200])))
+def _number(value, kind):
+    """A server-given number, or None when it is not a finite one of `kind`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if kind is int:
+        return value if isinstance(value, int) else None
+    return float(value) if math.isfinite(value) else None
 
 
 def _retry_after(value: str | None, cap: float) -> float:

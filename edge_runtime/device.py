@@ -15,17 +15,23 @@ https://arxiv.org/abs/1902.01046, §2–3):
    the server has it (or says it is too late).
 
 A long-running device survives what goes wrong in a cycle: an unreachable server, a refusal
-(4xx) or a rejected model is logged, reported as the cycle's outcome ("wait" or "error") and
-retried after the poll interval. A 401 is reported as such and never answered by enrolling again
+(4xx), a reply that is not what the protocol says, a task outside the device's own bounds
+(`bounds.TaskBounds`: refused before any work, "refused"), an update that came out non-finite
+(never uploaded) or a rejected model is logged in one line, reported as the cycle's outcome and
+retried after the poll interval; the server's retry-after is clamped to the device's bounds. A 401 is reported as such and never answered by enrolling again
 behind the operator's back: the server no longer knows this device (its state was reset, or
 the token revoked), and only the operator can decide to start over with a new identity.
 
 The device also serves suggestions (`suggest`) from whichever version is current: its
 `LiveSuggester` is a model-store listener, so suggestions follow every swap the cycles make.
 
-Files under `home`: `credentials.json` (0600), `examples.sqlite` (the typed text; never sent),
-`models/` (verified versions), `job.safetensors` (an interrupted job), `outbox/` (an update
-waiting to be uploaded).
+Model versions are accepted only when signed by a trusted key (`fedkb_core.signing`): the keys
+in `DeviceConfig.trusted_keys` (the app ships them), else the server's key pinned at
+enrollment into `model_signing_keys.pem` and never replaced by the server afterwards.
+
+Files under `home`: `credentials.json` (0600), `model_signing_keys.pem` (the pinned key),
+`examples.sqlite` (the typed text; never sent), `models/` (verified versions), `job.safetensors`
+(an interrupted job), `outbox/` (an update waiting to be uploaded).
 """
 
 from __future__ import annotations
@@ -34,12 +40,16 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from datasets.tokenizer import load_tokenizer
+from edge_runtime.bounds import DownloadLimits, TaskBounds, TaskRefused, check_steps, check_task, clamp_retry_after
 from edge_runtime.client import Credentials, ServerClient, ServerError, ServerUnavailable, UploadResult
 from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import EligibilityPolicy
@@ -53,11 +63,13 @@ from fedkb_core.durable import atomic_write, atomic_write_json
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import TOKENIZER_FILE, Manifest
 from fedkb_core.protocol import RoundTask
+from fedkb_core.signing import TrustedKeys
 from fedkb_core.wire import UpdateMetadata, encode_update
 
 log = logging.getLogger(__name__)
 
 CREDENTIALS_FILE = "credentials.json"
+PINNED_KEYS_FILE = "model_signing_keys.pem"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +85,17 @@ class DeviceConfig:
     poll_seconds: float = 60.0  # how often an ineligible device looks again
     platform: str = "linux"
     suggestions: bool = True  # load the inference model and serve `suggest` (False: a client that only trains)
+    downloads: DownloadLimits = DownloadLimits()  # byte budgets for what the server sends
+    task_bounds: TaskBounds = TaskBounds()  # the tasks and waits this device accepts
+    trusted_keys: TrustedKeys | None = None  # model signing keys; None: pin the server's at enrollment
 
 
 @dataclasses.dataclass(frozen=True)
 class CycleReport:
     """What one cycle did (logged, printed by `fedkb device --format json`)."""
 
-    action: str  # ineligible | wait | no_data | model_rejected | interrupted | abandoned | accepted |
-    #              duplicate | dropped | rejected | upload_failed | error
+    action: str  # ineligible | wait | no_data | model_rejected | refused | interrupted | abandoned | accepted |
+    #              duplicate | dropped | rejected | upload_failed | not_finite | error
     reasons: tuple[str, ...] = ()
     round_id: int | None = None
     model_version: int | None = None
@@ -117,11 +132,13 @@ class Device:
         self.config, self.state, self._clock = config, state, clock
         self.home = Path(config.home)
         self.home.mkdir(parents=True, exist_ok=True)
-        self.client = client or ServerClient(config.server_url)
+        self.client = client or ServerClient(config.server_url, limits=config.downloads)
         self.client.credentials = self.client.credentials or load_credentials(self.home)
         self.examples: ExampleSource = examples or ExampleStore(self.home / "examples.sqlite",
                                                                 retention=config.retention, clock=clock)
-        self.models = models or ModelStore(self.home / "models")
+        self.models = models or ModelStore(self.home / "models", limits=config.downloads)
+        if self.models.trusted_keys is None:
+            self.models.trusted_keys = config.trusted_keys or load_pinned_keys(self.home)
         self.trainables = trainables or TrainableCache(num_threads=config.num_threads)
         self.scheduler = Scheduler(state=state, policy=config.policy,
                                    checkpoints=CheckpointStore(self.home / "job.safetensors"), clock=clock)
@@ -149,13 +166,26 @@ class Device:
             ServerError: the server refused the secret.
         """
         if self.client.credentials is not None:
+            self._ensure_trusted_keys()
             return self.client.credentials
         if not enrollment_secret:
             raise FedkbError("this device is not enrolled: pass --enrollment-secret or set FEDKB_ENROLLMENT_SECRET")
         credentials = self.client.enroll(enrollment_secret, platform=self.config.platform)
         save_credentials(self.home, credentials)
         log.info("enrolled as device %s", credentials.device_id)
+        self._ensure_trusted_keys()
         return credentials
+
+    def _ensure_trusted_keys(self) -> None:
+        """Pin the server's model signing key if no key is configured or pinned yet (trust on first
+        use, at enrollment); once pinned, the server cannot replace it."""
+        if self.models.trusted_keys is not None:
+            return
+        pem = self.client.signing_key()
+        keys = TrustedKeys.from_pem(pem, where="the server's model signing key")
+        atomic_write(self.home / PINNED_KEYS_FILE, keys.to_pem())
+        self.models.trusted_keys = keys
+        log.info("pinned the server's model signing key %s", ", ".join(keys.key_ids))
 
     def import_text(self, path: Path) -> int:
         """Add a text file's lines (one message per line) to the example store."""
@@ -214,6 +244,7 @@ class Device:
         if not verdict:  # too few new examples
             return CycleReport("ineligible", verdict.reasons)
 
+        self._ensure_trusted_keys()  # never fetch a version without a key to check it against
         try:
             self.models.update_if_newer(self.client)
         except ModelRejected as err:
@@ -221,11 +252,19 @@ class Device:
         answer = self.client.checkin(self.state.current(), self.models.current_version)
         if answer.action != "train":
             self.scheduler.abandon_unless(None)
-            return CycleReport("wait", (answer.reason,) if answer.reason else (), retry_after=answer.retry_after)
+            reason = answer.reason
+            if reason is not None and not (reason.isidentifier() and reason.isascii() and len(reason) <= 64):
+                reason = "unknown"  # a server-given string goes into logs and reports: only a plain code
+            return CycleReport("wait", (reason,) if reason else (), retry_after=clamp_retry_after(answer.retry_after,
+                                                                                self.config.task_bounds))
         return answer.task
 
     def run_task(self, task: RoundTask) -> CycleReport:
         """Steps 5–6 of a cycle for a task the server handed out: train, clip, encode, upload."""
+        try:
+            check_task(task, self.config.task_bounds)  # before any work, even before a download
+        except TaskRefused as err:
+            return self._refused(task, err)
         self.scheduler.abandon_unless(task.round_id)
         try:
             model_dir = self._model_for(task.model_version)
@@ -237,14 +276,25 @@ class Device:
 
     def _model_for(self, version: int) -> Path:
         if not self.models.has_version(version):
+            self._ensure_trusted_keys()
             current = self.models.current_version
             self.models.fetch(self.client, version, activate=current is None or version > current)
         return self.models.version_dir(version)
+
+    def _refused(self, task: RoundTask, err: TaskRefused) -> CycleReport:
+        """A task outside this device's bounds: not run. The protocol has no way to tell the server,
+        so it is logged (and the round's slot lapses at the server's deadline)."""
+        log.warning("%s", err)
+        return CycleReport("refused", (err.code,), round_id=task.round_id, model_version=task.model_version,
+                           message=str(err))
 
     def _train_and_upload(self, task: RoundTask, model_dir: Path) -> CycleReport:
         model, global_weights = self.trainables.load(model_dir)
         up_to = self.examples.last_id()
         where = dict(round_id=task.round_id, model_version=task.model_version)
+        if task.batch_size != model.batch_size:
+            return self._refused(task, TaskRefused(f"round {task.round_id}: task refused: batch size "
+                                                   f"{task.batch_size} differs from the model's static {model.batch_size}"))
         pending = self.scheduler.pending()
         if pending is not None and pending.key == job_key(task):
             windows = None  # resuming: the checkpoint carries the job's windows (the scheduler matches the key)
@@ -253,6 +303,10 @@ class Device:
                                                   up_to_id=up_to)
             if len(windows) == 0:
                 return CycleReport("no_data", **where)
+            try:
+                check_steps(task, len(windows), self.config.task_bounds)
+            except TaskRefused as err:
+                return self._refused(task, err)
         job = TrainingJob(model, global_weights, windows, task, seed=self._seed(task.round_id), up_to_id=up_to)
         outcome: JobOutcome = self.scheduler.run(job)
         if outcome.status != COMPLETED:
@@ -261,6 +315,12 @@ class Device:
         up_to = job.up_to_id  # a resumed job's own, from its checkpoint: not what was typed meanwhile
 
         update = job.result(outcome.losses)
+        if not _finite_update(update):
+            # A learning rate that diverged (or a broken model): such an update would only poison the
+            # global model, and the server would refuse it anyway. Dropped, and the text stays untrained.
+            log.warning("round %d: training gave a non-finite update (norm %s); not uploading it", task.round_id,
+                        update.update_norm)
+            return CycleReport("not_finite", ("non_finite_update",), steps=outcome.steps_run, **where)
         body = encode_update(update.deltas, UpdateMetadata(
             round_id=task.round_id, model_version=task.model_version, device_id=self.device_id,
             num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
@@ -342,21 +402,28 @@ class Device:
             except ServerUnavailable as err:
                 log.warning("server unreachable: %s", err)
                 report = CycleReport("wait", ("server_unavailable",), retry_after=self.config.poll_seconds)
-            except (ServerError, ModelRejected) as err:
+            except Exception as err:  # noqa: BLE001 — whatever a server sends, the loop goes on
                 report = self._error_report(err)
             reports.append(report)
             log.info("cycle: %s", json.dumps(report.to_json()))
             if max_cycles is not None and len(reports) >= max_cycles:
                 break
-            stop.wait(next_delay(report, self.config.poll_seconds))
+            stop.wait(min(next_delay(report, self.config.poll_seconds), self.config.task_bounds.max_retry_after))
         return reports
 
-    def _error_report(self, err: ServerError | ModelRejected) -> CycleReport:
-        """A cycle the server refused, or a model that failed its checks: logged and reported,
-        and the loop goes on (the server may come back to its senses, a new version may come)."""
-        if not isinstance(err, ServerError):
+    def _error_report(self, err: Exception) -> CycleReport:
+        """A cycle the server refused, a reply that broke the protocol, a model that failed its
+        checks, or anything else: one log line and a report, and the loop goes on (the server
+        may come back to its senses, a new version may come)."""
+        if isinstance(err, ModelRejected):
             log.error("cycle failed: %s", err)
             return CycleReport("error", ("model_rejected",), message=str(err))
+        if not isinstance(err, ServerError):
+            code = getattr(err, "code", None)
+            code = code if isinstance(code, str) else ("error" if isinstance(err, FedkbError) else "internal_error")
+            message = str(err) if isinstance(err, FedkbError) else f"{type(err).__name__}: {err}"
+            log.error("cycle failed (%s): %s", code, message)
+            return CycleReport("error", (code,), message=message)
         message = str(err)
         if err.status == 401:
             message = (f"the server does not accept this device's credentials ({err.code}: {err.message}); "
@@ -372,9 +439,20 @@ def next_delay(report: CycleReport, poll_seconds: float) -> float:
     and a moment after real work (the next round may already be open)."""
     if report.action == "wait":
         return report.retry_after or poll_seconds
-    if report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected", "error"):
+    if report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected", "refused",
+                         "not_finite", "error"):
         return poll_seconds
     return 1.0
+
+
+def _finite_update(update) -> bool:
+    return math.isfinite(update.update_norm) and all(bool(np.isfinite(d).all()) for d in update.deltas.values())
+
+
+def load_pinned_keys(home: Path) -> TrustedKeys | None:
+    """The model signing key pinned at enrollment, if any."""
+    path = Path(home) / PINNED_KEYS_FILE
+    return TrustedKeys.from_files([path]) if path.is_file() else None
 
 
 def load_credentials(home: Path) -> Credentials | None:

@@ -31,6 +31,7 @@ class InferenceStepper:
             raise FedkbError(f"{model_path}: not an inference model with a `step` signature ({err})") from None
         self._lock = threading.Lock()  # a signature runner is not safe to call concurrently
         self.units = int(self._step.get_input_details()["h"]["shape"][1])
+        self.logits_size = int(self._step.get_output_details()["logits"]["shape"][-1])  # the vocabulary
 
     def zero_state(self):
         return np.zeros((1, self.units), np.float32), np.zeros((1, self.units), np.float32)

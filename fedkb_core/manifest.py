@@ -85,7 +85,7 @@ class Manifest:
             )
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:  # OverflowError: int(1e400)
             raise ManifestError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
         if not weights:
             raise ManifestError(f"{where}: lists no weights")

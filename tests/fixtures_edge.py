@@ -16,7 +16,6 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,6 +105,28 @@ def text_file(tmp_path, user_lines) -> Path:
     return path
 
 
+def loopback_http(handle: Callable[[http.server.BaseHTTPRequestHandler, str], None]):
+    """A threaded HTTP/1.1 server on 127.0.0.1 calling `handle(handler, method)` for GET and
+    POST, serving in a daemon thread: (server, url). Stop it with shutdown() and server_close()."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            handle(self, "GET")
+
+        def do_POST(self):
+            handle(self, "POST")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 class FaultProxy:
     """A loopback HTTP proxy in front of `upstream` that injects faults on request.
 
@@ -133,26 +154,7 @@ class FaultProxy:
         self.uploads_forwarded = 0
         self._lock = threading.Lock()
         self._http = requests.Session()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                proxy._handle(self, "GET")
-
-            def do_POST(self):
-                proxy._handle(self, "POST")
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
+        self._server, self.url = loopback_http(self._handle)
 
     def _handle(self, handler, method: str) -> None:
         path = handler.path

@@ -97,10 +97,11 @@ def test_ineligible_device_sends_nothing(serve, proxies, text_file, tmp_path):
     (report,) = reports(fedkb_device(proxy.url, home, "--state", "charging=0", "--once", "--format", "json",
                                      text=text_file))
     assert report == {"action": "ineligible", "reasons": ["not_charging"]}
-    assert proxy.requests == ["POST /v1/devices"]  # enrolling, then not a byte: no check-in, no download
+    enrolling = ["POST /v1/devices", "GET /v1/models/signing-key"]  # the id and token, the key to pin
+    assert proxy.requests == enrolling  # then not a byte: no check-in, no download
     out = fedkb_device(proxy.url, home, "--state", "charging=1,idle=0,battery=5", "--once", text=text_file)
     assert (out.returncode, out.stdout) == (0, "ineligible (reasons=not_idle,low_battery)\n"), out.stderr[-2000:]
-    assert proxy.requests == ["POST /v1/devices"]  # enrolled once; the second run sent nothing at all
+    assert proxy.requests == enrolling  # enrolled once; the second run sent nothing at all
     s = status(server.url)
     assert s["totals"]["accepted"] == 0 and s["round"]["assigned"] == 0
     assert models_state(home) == {} and not (home / "outbox").exists()

@@ -42,6 +42,13 @@ def register(subparsers) -> None:
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks while ineligible (default: 60)")
     p.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads (default: 1)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: derived from device and round)")
+    p.add_argument("--model-signing-key", type=Path, action="append", default=[], metavar="FILE",
+                   help="PEM public key that model versions must be signed with (repeatable, or several keys in "
+                        "one file, for key rotation; default: the server's key, pinned at enrollment)")
+    p.add_argument("--limits", type=Path, default=None, metavar="FILE",
+                   help="JSON object overriding the device's limits on what a server may send or ask (keys of "
+                        "edge_runtime.bounds.DownloadLimits and TaskBounds, e.g. {\"max_file_bytes\": 67108864, "
+                        "\"max_epochs\": 50})")
     p.add_argument("--forget", action="store_true", help="delete the stored text (and derived job data) and exit")
     p.add_argument("--format", choices=("text", "json"), default="text", help="how to print each cycle's report")
     p.set_defaults(func=run)
@@ -52,13 +59,15 @@ def run(args) -> int:
     import json
     import threading
 
+    from edge_runtime.bounds import DownloadLimits, TaskBounds, limits_from_json
     from edge_runtime.device import Device, DeviceConfig
     from edge_runtime.device_state import LinuxDeviceState, ScriptedDeviceState, parse_state_spec
     from edge_runtime.eligibility import EligibilityPolicy
     from fedkb_core.errors import FedkbError
+    from fedkb_core.signing import TrustedKeys
 
-    if args.threads < 1 or args.poll <= 0 or (args.cycles is not None and args.cycles < 1):
-        raise FedkbError("--threads and --cycles must be >= 1 and --poll > 0")
+    if args.threads < 1 or not 0 < args.poll <= 86400 or (args.cycles is not None and args.cycles < 1):
+        raise FedkbError("--threads and --cycles must be >= 1 and --poll within (0, 86400]")
     if not args.server.startswith(("http://", "https://")):
         raise FedkbError(f"--server {args.server!r} must be an http:// or https:// URL")
     policy = EligibilityPolicy()
@@ -68,9 +77,18 @@ def run(args) -> int:
                                                 if v is not None})
     except ValueError as err:
         raise FedkbError(str(err)) from None
+    downloads, bounds = DownloadLimits(), TaskBounds()
+    if args.limits is not None:
+        try:
+            body = json.loads(args.limits.read_text())
+        except (OSError, ValueError) as err:
+            raise FedkbError(f"--limits {args.limits}: not a readable JSON file ({err})") from None
+        downloads, bounds = limits_from_json(body, where=f"--limits {args.limits}")
+    keys = TrustedKeys.from_files(args.model_signing_key) if args.model_signing_key else None
     state = ScriptedDeviceState(parse_state_spec(args.state)) if args.state is not None else LinuxDeviceState()
     device = Device(DeviceConfig(server_url=args.server, home=args.home, policy=policy, num_threads=args.threads,
-                                 seed=args.seed, poll_seconds=args.poll), state=state)
+                                 seed=args.seed, poll_seconds=args.poll, downloads=downloads, task_bounds=bounds,
+                                 trusted_keys=keys), state=state)
     try:
         if args.forget:
             device.forget_user_data()
