@@ -24,9 +24,8 @@ import binascii
 import dataclasses
 import hashlib
 import json
-import os
+import fcntl
 import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -110,9 +109,9 @@ class ManifestSigner:
 def load_or_create_signing_key(folder: Path | str) -> ManifestSigner:
     """The signer of a state folder, creating `signing_key.pem` (0600) on first use.
 
-    Safe when several processes (gunicorn workers) start together: the key is written to a
-    private temporary file and published with `os.link`, which fails if another process got
-    there first; then everyone loads the one that won. `public_key.pem` is (re)written beside it.
+    Safe when several processes (gunicorn workers) start together: creation happens under an
+    exclusive lock on `signing_key.lock`, so exactly one key is made and everyone loads it.
+    `public_key.pem` is (re)written beside it.
 
     Raises:
         FedkbError: the key file exists but is not an Ed25519 private key.
@@ -120,22 +119,12 @@ def load_or_create_signing_key(folder: Path | str) -> ManifestSigner:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SIGNING_KEY_FILE
-    if not path.exists():
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        tmp = folder / f".{SIGNING_KEY_FILE}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process created it first: use theirs
-        finally:
-            tmp.unlink(missing_ok=True)
+    with open(folder / "signing_key.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            atomic_write(path, pem, permissions=0o600)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as err:
