@@ -9,11 +9,13 @@ Modules, one concept each (pure policy apart from I/O):
     trainer        one round's local training: windows, steps, Δ = local − global, clipping
     client         the HTTP client: enroll, check in, download, upload with retries
     model_store    downloaded model versions: verify, swap atomically, keep one for rollback
+    version_check  is a downloaded version complete and consistent (asked before activation)
+    bounds         the device's own limits on what a server may send or ask
     suggester      top-3 next words, served while training and across model swaps
     device         the device loop that ties them together (`fedkb device`)
 
-Imports are allowed from numpy, sentencepiece, requests, safetensors, ai-edge-litert and the
-TF-free parts of `fedkb` and `datasets` only; a test walks this package to enforce it.
+Imports are allowed from numpy, sentencepiece, requests, safetensors, ai-edge-litert, cryptography
+and the TF-free parts of `fedkb` and `datasets` only; a test walks this package to enforce it.
 
 Embedding guide (mobile engineers)
 ----------------------------------
@@ -34,6 +36,9 @@ these steps against a real server)::
             return DeviceState(idle=screen_off(), charging=plugged_in(), unmetered=on_wifi(),
                                battery=battery_percent())
 
+    # Ship the fleet's model signing key with the app and pass it as
+    # DeviceConfig(..., trusted_keys=TrustedKeys.from_files([KEY_FILE])) (fedkb_core.signing);
+    # without it the device pins the server's key when it enrolls.
     device = Device(DeviceConfig(server_url=SERVER_URL, home=APP_FILES / "fedkb"), state=PhoneState())
     device.ensure_enrolled(ENROLLMENT_SECRET)  # enrolls on first run (ServerUnavailable offline: try
                                                # later); the token stays in home/credentials.json
