@@ -213,6 +213,9 @@ def test_a_server_that_forgot_the_device_is_reported_not_fatal(serve, text_file,
     (("--cycles", "0"), "--cycles"),
     (("--state", "charging=maybe"), "--state"),
     (("--min-battery", "150"), "min_battery"),
+    (("--poll", "1e300"), "--poll"),
+    (("--limits", "/nonexistent/limits.json"), "--limits"),
+    (("--model-signing-key", "/nonexistent/key.pem"), "cannot read the model signing key"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, flags, message):
     args = ["--server", "http://127.0.0.1:9", "--home", str(tmp_path / "phone"), *flags]
