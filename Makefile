@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: venv browser demo test bench clean help
+.PHONY: venv system-tools demo test bench clean help
 
 help:
 	@echo "make demo   set up .venv and run the main job on embedded defaults (writes $(DEMO_OUT)/)"
@@ -43,20 +43,22 @@ $(DEMO_OUT)/data/stats.json: $(STAMP)
 $(DEMO_OUT)/baseline/metrics.json: $(DEMO_OUT)/data/stats.json
 	$(VENV)/bin/fedkb baseline --data $(DEMO_OUT)/data --out $(DEMO_OUT)/baseline
 
-# The dashboard's browser test drives Debian's chromium through its chromedriver (never a browser
-# build downloaded by Selenium Manager). Installed here when missing and we may (root, as in CI, or
-# passwordless sudo); this step never fails the build: without them the test skips, naming what is missing.
-CHROMIUM := /usr/bin/chromium
-CHROMEDRIVER := /usr/bin/chromedriver
-APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
-browser:
-	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null; then echo "note: no apt-get: the dashboard browser test will skip"; \
-	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_INSTALL)' || echo "note: could not install chromium chromium-driver: the dashboard browser test will skip"; \
-	elif sudo -n true 2>/dev/null; then sudo sh -c '$(APT_INSTALL)' || echo "note: could not install chromium chromium-driver: the dashboard browser test will skip"; \
-	else echo "note: $(CHROMIUM) or $(CHROMEDRIVER) missing and not root: the dashboard browser test will skip (apt-get install chromium chromium-driver)"; fi
+# System tools two tests need, from Debian's packages: the dashboard's browser test drives chromium
+# through its chromedriver (never a browser build downloaded by Selenium Manager), and the fleet's
+# "never reads the server's files" test traces the fleet with strace. Installed here when missing
+# and we may (root, as in CI, or passwordless sudo); this step never fails the build: without them
+# those tests skip, naming what is missing.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/strace
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver strace
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "note: no apt-get and missing:$$missing; the tests that need them will skip"; \
+	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_INSTALL)' || echo "note: could not install chromium chromium-driver strace: the tests that need them will skip"; \
+	elif sudo -n true 2>/dev/null; then sudo sh -c '$(APT_INSTALL)' || echo "note: could not install chromium chromium-driver strace: the tests that need them will skip"; \
+	else echo "note: missing$$missing and not root: the tests that need them will skip (apt-get install chromium chromium-driver strace)"; fi
 
-test: $(STAMP) browser
+test: $(STAMP) system-tools
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -44,7 +44,7 @@ def _missing() -> list[str]:
 @pytest.fixture
 def browser(tmp_path):
     if missing := _missing():
-        pytest.skip(f"needs {', '.join(missing)}: `make browser` installs Debian's chromium and chromium-driver "
+        pytest.skip(f"needs {', '.join(missing)}: `make system-tools` installs Debian's chromium and chromium-driver "
                     "(as root), or apt-get install chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

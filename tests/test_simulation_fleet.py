@@ -246,7 +246,7 @@ def test_the_fleet_never_touches_the_servers_state_folder(tiny_model, tiny_data,
     fleet's process and its device workers and lists every path they hand to the kernel."""
     strace = shutil.which("strace")
     if strace is None:
-        pytest.skip("strace is not installed (Debian package `strace`)")
+        pytest.skip("strace is not installed (Debian package `strace`; `make system-tools` installs it)")
     probe = subprocess.run([strace, "-f", "-qq", "-e", "trace=%file", "-o", os.devnull, "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"strace cannot trace here: {probe.stderr.decode(errors='replace').strip()}")
