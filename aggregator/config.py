@@ -5,7 +5,8 @@ test config) and `Config.from_prefixed_env("FEDKB")`: a setting may come from a 
 from `FEDKB_<FIELD>` environment variables (for example `FEDKB_GOAL_CLIENTS=50`), or from
 explicit overrides (command-line flags, tests), each layer winning over the one before.
 Secrets have no default: outside testing the server refuses to start without them, unlike the
-tutorial's `SECRET_KEY="dev"`.
+tutorial's `SECRET_KEY="dev"`; each may also come from a file (`<name>_file` in any layer), which
+keeps it off the command line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedkb_core.errors import FedkbError
+from fedkb_core.secret_files import SecretFileError, read_secret_file
+from fedkb_core.training_config import TrainingConfig
 
 ENV_PREFIX = "FEDKB_"
 
@@ -29,37 +32,24 @@ class ConfigError(FedkbError):
 
 
 @dataclasses.dataclass(frozen=True)
-class AggregatorConfig:
-    """Everything the server needs to know; see `fedkb serve --help` for the flags."""
+class AggregatorConfig(TrainingConfig):
+    """Everything the server needs to know; see `fedkb serve --help` for the flags.
+
+    The round, aggregation and device-task settings (and their defaults) are the shared
+    `TrainingConfig`'s; the fields here are the server's own.
+    """
 
     # Storage.
     state_dir: Path = Path("state")
     init_model: Path | None = None  # folder written by `fedkb export`; copied in as the first version
 
-    # Rounds. Over-selection assigns ~30% more devices than the goal, as production systems do
-    # against dropout (Bonawitz et al., 2019, "Towards Federated Learning at Scale").
-    min_clients: int = 2
-    goal_clients: int = 10
-    over_selection: float = 1.3
     round_timeout: float = 600.0  # seconds from opening to the deadline
     # Seconds a device has from taking a task to uploading before its slot may go to another
     # device (None: a third of round_timeout). The task tells the device its `report_by` time.
     report_window: float | None = None
 
-    # Aggregation: re-clip every update to clip_norm, then server SGD on the weighted mean delta.
-    clip_norm: float = 1.0
-    server_lr: float = 1.0  # 1.0 without momentum is plain FedAvg
-    server_momentum: float = 0.0  # > 0 is FedAvgM (Hsu et al., 2019); sgd only
-    server_optimizer: str = "sgd"  # sgd (FedAvg / FedAvgM) or adam (FedAdam, Reddi et al., 2021)
-    server_beta1: float = 0.9  # adam only
-    server_beta2: float = 0.99  # adam only
-    server_epsilon: float = 1e-3  # adam only
-
-    # What a task asks of a device.
-    device_lr: float = 0.5
-    device_epochs: int = 1
+    # What a task asks of a device, beyond TrainingConfig's.
     device_batch_size: int | None = None  # None: the model's static B; anything else must equal it
-    device_max_examples: int = 1000
     encoding: str = "float32"
 
     # Limits and pacing.
@@ -67,7 +57,15 @@ class AggregatorConfig:
     retry_after: float = 30.0  # seconds a device waits when there is no work for it
     retry_jitter: float = 0.25  # retry_after is scaled by a uniform factor in [1-j, 1+j]
 
-    # Secrets (no defaults outside testing).
+    # Connections, as the production server (gunicorn, `fedkb serve` without --dev) handles them:
+    # a request must arrive whole in time before a thread serves it (aggregator/gunicorn_worker.py).
+    header_timeout: float = 10.0  # seconds for the request line and headers
+    body_timeout: float = 60.0  # seconds for the body after the headers (a 4.7 MB update at ~0.6 Mbit/s)
+    max_connections: int = 256  # open connections per worker process; more wait in the listen queue
+    keep_alive: int = 5  # seconds an idle kept-alive connection stays open
+
+    # Secrets (no defaults outside testing). Also `enrollment_secret_file` / `admin_token_file`
+    # (a path, in any layer: FEDKB_ADMIN_TOKEN_FILE, the config file, --admin-token-file).
     enrollment_secret: str | None = None
     admin_token: str | None = None
 
@@ -81,19 +79,15 @@ class AggregatorConfig:
     def __post_init__(self):
         from fedkb_core.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
 
+        super().__post_init__()  # resolves the derived defaults (min_clients, server_lr)
+
         # Absolute: Flask's send_file resolves a relative path against the app's package folder,
         # not the working directory, so `--state runs/server` would serve nothing.
         object.__setattr__(self, "state_dir", Path(self.state_dir).absolute())
         if self.init_model is not None:
             object.__setattr__(self, "init_model", Path(self.init_model).absolute())
-        problems = []
-        if self.min_clients < 1:
-            problems.append(f"min_clients must be >= 1, got {self.min_clients}")
-        if self.goal_clients < self.min_clients:
-            problems.append(f"goal_clients ({self.goal_clients}) must be >= min_clients ({self.min_clients})")
-        if not self.over_selection >= 1.0:
-            problems.append(f"over_selection must be >= 1.0, got {self.over_selection}")
-        for name in ("round_timeout", "clip_norm", "server_lr", "device_lr", "worker_interval"):
+        problems = self.training_problems()
+        for name in ("round_timeout", "worker_interval", "header_timeout", "body_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a positive number, got {value}")
@@ -101,30 +95,23 @@ class AggregatorConfig:
             problems.append(f"report_window must be a positive number of seconds, got {self.report_window}")
         if not (math.isfinite(self.checkpoint_interval) and self.checkpoint_interval >= 0):
             problems.append(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
-        if self.server_optimizer not in ("sgd", "adam"):
-            problems.append(f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}")
-        for name in ("server_beta1", "server_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.server_epsilon > 0.0:
-            problems.append(f"server_epsilon must be positive, got {self.server_epsilon}")
-        if not 0.0 <= self.server_momentum < 1.0:
-            problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
-        if self.device_epochs < 1 or self.device_max_examples < 1:
-            problems.append("device_epochs and device_max_examples must be >= 1")
         if self.device_batch_size is not None and self.device_batch_size < 1:
             problems.append(f"device_batch_size must be >= 1, got {self.device_batch_size}")
         if self.encoding not in ENCODINGS:
             problems.append(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if self.max_body_bytes is not None and self.max_body_bytes < 1024:
             problems.append(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_connections < 1 or self.keep_alive < 1:
+            problems.append(f"max_connections and keep_alive must be >= 1, got {self.max_connections}, "
+                            f"{self.keep_alive}")
         if not (self.retry_after > 0 and 0.0 <= self.retry_jitter < 1.0):
             problems.append("retry_after must be > 0 and retry_jitter in [0, 1)")
         if not self.testing:
             for name in ("enrollment_secret", "admin_token"):
                 if not getattr(self, name):
-                    problems.append(f"{name} is not set (flag, FEDKB_{name.upper()} or config file); "
-                                    "the server does not start without it")
+                    problems.append(f"{name} is not set (--{name.replace('_', '-')}-file, FEDKB_{name.upper()}, "
+                                    f"FEDKB_{name.upper()}_FILE or the config file); the server does not start "
+                                    "without it")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -146,6 +133,7 @@ class AggregatorConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AggregatorConfig)}
+_SECRET_FILES = {"enrollment_secret_file": "enrollment_secret", "admin_token_file": "admin_token"}
 
 
 def _base_type(annotation) -> type:
@@ -180,9 +168,21 @@ def _from_mapping(mapping: Mapping[str, Any], *, where: str) -> dict:
     out = {}
     for key, value in mapping.items():
         name = key.lower().replace("-", "_")
+        if name in _SECRET_FILES:
+            continue
         if name not in _FIELDS:
-            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
+            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted([*_FIELDS, *_SECRET_FILES]))}")
         out[name] = _coerce(name, value, where=where)
+    for key, value in mapping.items():
+        name = key.lower().replace("-", "_")
+        if name in _SECRET_FILES and value is not None:
+            secret = _SECRET_FILES[name]
+            if secret in out:
+                raise ConfigError(f"{where}: both {secret} and {name} are set; keep one")
+            try:
+                out[secret] = read_secret_file(Path(value), what=f"{where}: {secret}")
+            except SecretFileError as err:
+                raise ConfigError(str(err)) from None
     return out
 
 
@@ -207,7 +207,7 @@ def _read_file(path: Path) -> dict:
 
 def _from_env(environ: Mapping[str, str]) -> dict:
     picked = {k[len(ENV_PREFIX):]: v for k, v in environ.items()
-              if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in _FIELDS}
+              if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in (*_FIELDS, *_SECRET_FILES)}
     return _from_mapping(picked, where="environment")
 
 

@@ -169,7 +169,7 @@ class Device:
             self._ensure_trusted_keys()
             return self.client.credentials
         if not enrollment_secret:
-            raise FedkbError("this device is not enrolled: pass --enrollment-secret or set FEDKB_ENROLLMENT_SECRET")
+            raise FedkbError("this device is not enrolled: pass --enrollment-secret-file or set FEDKB_ENROLLMENT_SECRET")
         credentials = self.client.enroll(enrollment_secret, platform=self.config.platform)
         save_credentials(self.home, credentials)
         log.info("enrolled as device %s", credentials.device_id)

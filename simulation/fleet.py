@@ -39,6 +39,7 @@ from fedkb_core.durable import sha256_file
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import Manifest
 from fedkb_core.protocol import RoundTask
+from fedkb_core.training_config import TRAINING
 from model.evaluation import EvalConfig, evaluate_weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
 from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult, SimulatedClock, emulated_device,
@@ -56,19 +57,20 @@ class FleetConfig:
     """Round and device settings of a simulation."""
 
     clients: int = 300
-    clients_per_round: int = 20
+    # The round, device and server settings default to `fedkb serve`'s (fedkb_core/training_config.py).
+    clients_per_round: int = TRAINING.goal_clients
     rounds: int = 30
-    min_clients: int | None = None  # default: half the goal
-    over_selection: float = 1.3
-    device_lr: float = 1.0
-    device_epochs: int = 1
-    max_examples: int = 64  # windows per device per round
-    clip_norm: float = 1.0
-    server_lr: float = 0.03  # FedAdam's; plain FedAvg (sgd, no momentum) is 1.0
-    server_momentum: float = 0.0  # sgd only: FedAvgM (Hsu et al., 2019)
+    min_clients: int | None = None  # default: the server's rule, half the goal
+    over_selection: float = TRAINING.over_selection
+    device_lr: float = TRAINING.device_lr
+    device_epochs: int = TRAINING.device_epochs
+    max_examples: int = TRAINING.device_max_examples  # windows per device per round
+    clip_norm: float = TRAINING.clip_norm
+    server_lr: float = TRAINING.server_lr  # FedAdam's; plain FedAvg (sgd, no momentum) is 1.0
+    server_momentum: float = TRAINING.server_momentum  # sgd only: FedAvgM (Hsu et al., 2019)
     # FedAdam (Reddi et al., 2021; β₁ 0.9, β₂ 0.99, ε 1e-3): measured on Shakespeare it beat FedAvgM
     # (momentum 0.7) at 30 rounds and, at 300 rounds, the 1-epoch centralized baseline (README).
-    server_optimizer: str = "adam"
+    server_optimizer: str = TRAINING.server_optimizer
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)
@@ -97,6 +99,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_arguments(config: FleetConfig) -> list[str]:
+    """The `fedkb serve` flags that make the server run this fleet's rounds (the round deadline is
+    an hour: the fleet ends each round itself once its devices have reported)."""
+    args = ["--goal-clients", str(config.clients_per_round), "--over-selection", str(config.over_selection),
+            "--round-timeout", "3600", "--clip-norm", str(config.clip_norm), "--server-lr", str(config.server_lr),
+            "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
+            "--device-lr", str(config.device_lr), "--device-epochs", str(config.device_epochs),
+            "--device-max-examples", str(config.max_examples)]
+    return args + (["--min-clients", str(config.min_clients)] if config.min_clients else [])
+
+
 class ServerAccess:
     """What a fleet knows of its server: the URL, the fleet's enrollment secret and the
     operator's admin token. Nothing of where the server keeps its files."""
@@ -122,15 +135,8 @@ class ServerProcess(ServerAccess):
     def __init__(self, *, state: Path, init_model: Path, log_path: Path, config: FleetConfig):
         self.port = _free_port()
         super().__init__(f"http://127.0.0.1:{self.port}", secrets.token_urlsafe(16), secrets.token_urlsafe(16))
-        min_clients = config.min_clients or max(1, config.clients_per_round // 2)
         args = [sys.executable, "-m", "fedkb", "-q", "serve", "--state", str(state), "--init-model", str(init_model),
-                "--port", str(self.port), "--plain-logs",
-                "--goal-clients", str(config.clients_per_round), "--min-clients", str(min_clients),
-                "--over-selection", str(config.over_selection), "--round-timeout", "3600",
-                "--clip-norm", str(config.clip_norm), "--server-lr", str(config.server_lr),
-                "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
-                "--device-lr", str(config.device_lr),
-                "--device-epochs", str(config.device_epochs), "--device-max-examples", str(config.max_examples)]
+                "--port", str(self.port), "--plain-logs", *serve_arguments(config)]
         env = {**os.environ, "FEDKB_ENROLLMENT_SECRET": self.secret, "FEDKB_ADMIN_TOKEN": self.admin}
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -140,9 +140,12 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
 
 
 def server_overrides(state_dir: Path, init_model: Path, **overrides) -> dict:
+    # Plain FedAvg (server SGD at 1.0), so a test can check the published weights against
+    # w + mean delta; tests of FedAdam (the default) ask for it.
     base = dict(testing=True, state_dir=state_dir, init_model=init_model, enrollment_secret=SECRET,
                 admin_token=ADMIN, min_clients=2, goal_clients=3, round_timeout=60.0, clip_norm=1.0,
-                retry_after=5.0, worker_interval=0.05, checkpoint_interval=0.0, log_json=True)
+                server_optimizer="sgd", retry_after=5.0, worker_interval=0.05, checkpoint_interval=0.0,
+                log_json=True)
     base.update(overrides)
     return base
 
@@ -168,10 +171,12 @@ def make_server(tmp_path):
 
 
 class ServeProcess:
-    """A real `fedkb serve` subprocess (so it can be killed with SIGKILL)."""
+    """A real `fedkb serve` subprocess (so it can be killed with SIGKILL), by default gunicorn: a
+    master and its worker processes, in a process group of their own."""
 
     def __init__(self, state_dir: Path, init_model: Path | None, *args: str, log: Path, port: int | None = None,
-                 cwd: Path = REPO):
+                 cwd: Path = REPO, env: dict | None = None):
+        """`env`: FEDKB_* variables instead of the test secrets (which then come from `args`)."""
         import socket
 
         if port is None:
@@ -183,9 +188,11 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "fedkb", "serve", "--state", str(state_dir), "--port", str(self.port), *args]
         if init_model is not None:
             cmd += ["--init-model", str(init_model)]
-        env = {**os.environ, "FEDKB_ENROLLMENT_SECRET": SECRET, "FEDKB_ADMIN_TOKEN": ADMIN}
+        fedkb_env = {"FEDKB_ENROLLMENT_SECRET": SECRET, "FEDKB_ADMIN_TOKEN": ADMIN} if env is None else env
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDKB_")}, **fedkb_env}
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         wait_for(self._up, timeout=60, what=f"fedkb serve on port {self.port} (log {log})")
 
     def _up(self) -> bool:
@@ -197,16 +204,18 @@ class ServeProcess:
             return False
 
     def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL to the whole group, as a crash or the OOM killer takes the machine's server: a
+        worker orphaned by its killed master would otherwise finish its work and hold the port."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
 

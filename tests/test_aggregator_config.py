@@ -15,7 +15,7 @@ SECRETS = {"enrollment_secret": "s", "admin_token": "a"}
 
 def test_layers_defaults_file_env_overrides(tmp_path):
     file = tmp_path / "server.json"
-    file.write_text('{"goal_clients": 40, "min_clients": 5, "clip_norm": 2.0}')
+    file.write_text('{"goal_clients": 40, "min_clients": 5, "clip_norm": 2.0, "server_optimizer": "sgd"}')
     env = {"FEDKB_GOAL_CLIENTS": "50", "FEDKB_SERVER_MOMENTUM": "0.9", "FEDKB_UNRELATED": "x", **{
         "FEDKB_ENROLLMENT_SECRET": "s", "FEDKB_ADMIN_TOKEN": "a"}}
     config = load_config(file=file, environ=env, overrides={"min_clients": 7, "clip_norm": None})
@@ -107,3 +107,66 @@ def test_goal_closes_and_retry_after_is_jittered():
     rng = random.Random(0)
     values = [retry_after(10.0, 0.25, rng) for _ in range(200)]
     assert all(7.5 <= v <= 12.5 for v in values) and len(set(values)) > 50
+
+
+def test_min_clients_defaults_to_half_the_goal_in_every_layer(tmp_path):
+    file = tmp_path / "server.toml"
+    file.write_text("goal_clients = 9\n")
+    assert load_config(file=file, environ={"FEDKB_TESTING": "1"}).min_clients == 4
+    assert load_config(environ={"FEDKB_TESTING": "1", "FEDKB_GOAL_CLIENTS": "1"}).min_clients == 1
+    assert load_config(file=file, environ={"FEDKB_TESTING": "1", "FEDKB_MIN_CLIENTS": "9"}).min_clients == 9
+
+
+def test_secret_files_in_each_layer_and_the_later_layer_wins(tmp_path):
+    for name, text in (("enroll", "from-file\n"), ("admin", "admin-from-file"), ("enroll2", "from-env-file\n")):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    settings = tmp_path / "server.json"
+    settings.write_text(f'{{"enrollment_secret_file": "{tmp_path / "enroll"}", "admin_token": "admin-in-file"}}')
+    config = load_config(file=settings, environ={"FEDKB_ADMIN_TOKEN_FILE": str(tmp_path / "admin")})
+    assert (config.enrollment_secret, config.admin_token) == ("from-file", "admin-from-file")
+    config = load_config(file=settings, environ={"FEDKB_ENROLLMENT_SECRET_FILE": str(tmp_path / "enroll2")},
+                         overrides={"admin_token_file": tmp_path / "admin"})
+    assert (config.enrollment_secret, config.admin_token) == ("from-env-file", "admin-from-file")
+    assert "from-file" not in str(config.public_json())
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_text("\n"), "empty"),
+    (lambda p: p.mkdir(), "not a regular file"),
+    (lambda p: (p.write_text("x"), p.chmod(0)), "permission denied"),
+])
+def test_bad_secret_files_fail_with_the_file_and_the_reason(tmp_path, setup, message):
+    import os
+
+    path = tmp_path / "secret"
+    setup(path)
+    if message == "permission denied" and os.geteuid() == 0:
+        pytest.skip("root reads a mode-000 file")
+    with pytest.raises(ConfigError, match=f"admin_token file {path}: {message}"):
+        load_config(environ={"FEDKB_ENROLLMENT_SECRET": "s", "FEDKB_ADMIN_TOKEN_FILE": str(path)})
+
+
+def test_a_secret_and_its_file_in_one_layer_is_ambiguous(tmp_path):
+    (tmp_path / "s").write_text("x")
+    with pytest.raises(ConfigError, match="both enrollment_secret and enrollment_secret_file"):
+        load_config(environ={"FEDKB_ENROLLMENT_SECRET": "a", "FEDKB_ENROLLMENT_SECRET_FILE": str(tmp_path / "s"),
+                             "FEDKB_ADMIN_TOKEN": "b"})
+
+
+def test_a_world_readable_secret_file_is_used_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "secret"
+    path.write_text("open-to-all")
+    path.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        config = load_config(environ={"FEDKB_ENROLLMENT_SECRET_FILE": str(path), "FEDKB_ADMIN_TOKEN": "b"})
+    assert config.enrollment_secret == "open-to-all"
+    assert "readable by every user" in caplog.text and str(path) in caplog.text
+
+
+def test_connection_limits_are_validated():
+    with pytest.raises(ConfigError, match="header_timeout must be a positive number"):
+        load_config(environ={}, overrides={**SECRETS, "header_timeout": 0})
+    with pytest.raises(ConfigError, match="max_connections and keep_alive must be >= 1"):
+        load_config(environ={}, overrides={**SECRETS, "max_connections": 0})

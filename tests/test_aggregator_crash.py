@@ -55,7 +55,8 @@ def test_kill9_mid_round_then_restart_counts_each_accepted_update_once(tmp_path)
     # surely lands with accepted updates that are not in the checkpoint yet.
     folding.write_text(json.dumps({"worker_interval": 0.02, "checkpoint_interval": 0.0}))
     accept_only.write_text(json.dumps({"background_worker": False}))
-    args = ("--goal-clients", "6", "--min-clients", "2", "--round-timeout", "120", "--clip-norm", "1.0")
+    args = ("--goal-clients", "6", "--min-clients", "2", "--round-timeout", "120", "--clip-norm", "1.0",
+            "--server-optimizer", "sgd")  # plain FedAvg: the new version is w + mean delta
     accepted = {}  # device_id -> (deltas, num_examples) the server answered "accepted" for
 
     # Process 1: two updates accepted, folded and checkpointed; then kill -9.
@@ -128,7 +129,7 @@ def test_kill9_during_concurrent_uploads_keeps_every_answered_update_exactly_onc
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"worker_interval": 0.02, "checkpoint_interval": 0.0}))
     args = ("--config", str(settings), "--goal-clients", "60", "--min-clients", "2", "--round-timeout", "120",
-            "--clip-norm", "1.0")
+            "--clip-norm", "1.0", "--server-optimizer", "sgd")  # plain FedAvg: the new version is w + mean delta
     server = ServeProcess(state, model, *args, log=tmp_path / "serve1.log")
     answered, lock, killed = set(), threading.Lock(), threading.Event()
     try:

@@ -77,7 +77,31 @@ def test_server_publishes_fedadam_weights_and_carries_its_state(make_server, wei
 
 
 def test_unknown_server_optimizer_is_refused(tmp_path):
-    from aggregator.config import AggregatorConfig, ConfigError
+    from aggregator.config import AggregatorConfig, ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="server_optimizer must be sgd or adam"):
-        AggregatorConfig(state_dir=tmp_path, server_optimizer="adagrad", enrollment_secret="s", admin_token="a").validate()
+    # The constructor validates (there is no separate validate step), and so does every layer.
+    with pytest.raises(ConfigError, match="server_optimizer must be sgd or adam, got 'adagrad'"):
+        AggregatorConfig(state_dir=tmp_path, server_optimizer="adagrad", enrollment_secret="s", admin_token="a")
+    with pytest.raises(ConfigError, match="server_optimizer must be sgd or adam, got 'adagrad'"):
+        load_config(environ={"FEDKB_SERVER_OPTIMIZER": "adagrad", "FEDKB_TESTING": "1"})
+    AggregatorConfig(state_dir=tmp_path, server_optimizer="sgd", enrollment_secret="s", admin_token="a")  # constructs
+
+
+@pytest.mark.parametrize("optimizer, server_lr", [("adam", 0.03), ("sgd", 1.0)])
+def test_server_lr_defaults_to_the_optimizers_own(tmp_path, optimizer, server_lr):
+    from aggregator.config import load_config
+
+    config = load_config(environ={"FEDKB_TESTING": "1"}, overrides={"server_optimizer": optimizer})
+    assert config.server_lr == server_lr
+    explicit = load_config(environ={"FEDKB_TESTING": "1", "FEDKB_SERVER_LR": "0.2"},
+                           overrides={"server_optimizer": optimizer})
+    assert explicit.server_lr == 0.2
+
+
+def test_momentum_is_refused_with_adam(tmp_path):
+    from aggregator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="server_momentum applies to server_optimizer sgd"):
+        load_config(environ={"FEDKB_TESTING": "1"}, overrides={"server_momentum": 0.9})
+    assert load_config(environ={"FEDKB_TESTING": "1"},
+                       overrides={"server_momentum": 0.9, "server_optimizer": "sgd"}).server_momentum == 0.9

@@ -1,8 +1,9 @@
 """`fedkb device`: run one real device (the edge runtime) against a `fedkb serve` server.
 
 Examples:
-    # a device that meets every condition, one cycle, with the user's text in notes.txt
-    FEDKB_ENROLLMENT_SECRET=... fedkb device --server http://127.0.0.1:8080 --home runs/dev1 \\
+    # a device that meets every condition, one cycle, with the user's text in notes.txt; the fleet
+    # secret (needed at the first run only) from a file, never on the command line (`ps` shows it)
+    fedkb device --server http://127.0.0.1:8080 --home runs/dev1 --enrollment-secret-file ~/.fedkb-secret \\
         --text notes.txt --state charging=1,idle=1,unmetered=1,battery=90 --once
     # the host's real state (battery, AC, user idle, network), cycling until Ctrl-C
     fedkb device --server http://127.0.0.1:8080 --home runs/dev1 --text notes.txt
@@ -34,8 +35,11 @@ def register(subparsers) -> None:
                         "(keys not given count as met)")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
     p.add_argument("--cycles", type=int, default=None, help="stop after this many cycles (default: run until Ctrl-C)")
-    p.add_argument("--enrollment-secret", default=None,
-                   help="fleet secret for the first run (default: $FEDKB_ENROLLMENT_SECRET)")
+    p.add_argument("--enrollment-secret-file", type=Path, default=None, metavar="PATH",
+                   help="file holding the fleet secret, needed for the first run (or FEDKB_ENROLLMENT_SECRET_FILE, "
+                        "FEDKB_ENROLLMENT_SECRET)")
+    # Deprecated: a value on the command line is visible to every user in `ps`.
+    p.add_argument("--enrollment-secret", default=None, help=argparse.SUPPRESS)
     p.add_argument("--min-battery", type=float, default=None, help="battery percent needed to train (default: 20)")
     p.add_argument("--min-new-examples", type=int, default=None,
                    help="new messages needed before a job starts (default: 10)")
@@ -52,6 +56,21 @@ def register(subparsers) -> None:
     p.add_argument("--forget", action="store_true", help="delete the stored text (and derived job data) and exit")
     p.add_argument("--format", choices=("text", "json"), default="text", help="how to print each cycle's report")
     p.set_defaults(func=run)
+
+
+def _enrollment_secret(args) -> str | None:
+    """The fleet secret: --enrollment-secret-file, FEDKB_ENROLLMENT_SECRET_FILE, FEDKB_ENROLLMENT_SECRET,
+    or the deprecated --enrollment-secret (with a warning)."""
+    import sys
+
+    from fedkb_core.secret_files import secret_from
+
+    if args.enrollment_secret is not None:
+        print("fedkb device: warning: --enrollment-secret puts the secret in every user's `ps`; "
+              "use --enrollment-secret-file or FEDKB_ENROLLMENT_SECRET", file=sys.stderr)
+        return args.enrollment_secret
+    return secret_from(file=args.enrollment_secret_file, environ=os.environ, name="enrollment_secret",
+                       what="enrollment secret")
 
 
 def run(args) -> int:
@@ -94,7 +113,7 @@ def run(args) -> int:
             device.forget_user_data()
             print(f"fedkb device: deleted the stored text in {args.home}")
             return 0
-        device.ensure_enrolled(args.enrollment_secret or os.environ.get("FEDKB_ENROLLMENT_SECRET"))
+        device.ensure_enrolled(_enrollment_secret(args))
         for path in args.text:
             device.import_text(path)
         cycles = 1 if args.once else args.cycles

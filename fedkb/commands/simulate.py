@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fedkb.commands.baseline import add_model_arguments, model_config_from_args
+from fedkb_core.training_config import TRAINING, field_help
 
 
 def register(subparsers) -> None:
@@ -20,27 +21,31 @@ def register(subparsers) -> None:
     parser.add_argument("--data", type=Path, default=None, help="reuse a folder from `fedkb data prepare`")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--clients", type=int, default=300, help="emulated devices")
-    parser.add_argument("--clients-per-round", type=int, default=20,
-                        help="updates a round aggregates, its goal")
+    parser.add_argument("--clients-per-round", type=int, default=TRAINING.goal_clients,
+                        help="updates a round aggregates, its goal (the server's --goal-clients)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds to run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device worker processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("fedkb", "tff"), default="fedkb",
                         help="fedkb: real server + LiteRT devices; tff: TensorFlow Federated reference")
     parser.add_argument("--baseline", type=Path, default=None, help="a `fedkb baseline` output, drawn as reference")
-    group = parser.add_argument_group("rounds and devices")
-    group.add_argument("--device-lr", type=float, default=1.0, help="on-device SGD learning rate")
-    group.add_argument("--device-epochs", type=int, default=1)
-    group.add_argument("--max-examples", type=int, default=64, help="windows per device per round")
-    group.add_argument("--clip-norm", type=float, default=1.0)
+    # Defaults from fedkb_core/training_config.py, the same as `fedkb serve`'s.
+    group = parser.add_argument_group("rounds and devices (the defaults are `fedkb serve`'s)")
+    group.add_argument("--device-lr", type=float, default=TRAINING.device_lr, help="on-device SGD learning rate")
+    group.add_argument("--device-epochs", type=int, default=TRAINING.device_epochs, help="local epochs per task")
+    group.add_argument("--max-examples", type=int, default=TRAINING.device_max_examples,
+                       help="windows per device per round (the server's --device-max-examples)")
+    group.add_argument("--clip-norm", type=float, default=TRAINING.clip_norm, help="L2 clip of every update")
+    # "%(default).0s" prints nothing; it keeps the formatter from adding "(default: None)".
     group.add_argument("--server-lr", type=float, default=None,
-                       help="server learning rate (default: 0.03 with adam, 1.0 with sgd)")
-    group.add_argument("--server-optimizer", choices=("adam", "sgd"), default="adam",
+                       help=f"server learning rate {field_help('server_lr')}%(default).0s")
+    group.add_argument("--server-optimizer", choices=("adam", "sgd"), default=TRAINING.server_optimizer,
                        help="adam: FedAdam; sgd: FedAvg, or FedAvgM with --server-momentum")
-    group.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum (sgd only)")
+    group.add_argument("--server-momentum", type=float, default=TRAINING.server_momentum,
+                       help="FedAvgM server momentum (sgd only)")
     group.add_argument("--round-hours", type=float, default=1.0, help="simulated hours between rounds")
     group.add_argument("--over-selection", type=float, default=None,
-                       help="tasks handed out per round as a multiple of its goal (default: the server's; 1.0: "
+                       help=f"tasks handed out per round as a multiple of its goal {field_help('over_selection')}; 1.0: "
                             "exactly the goal, for comparisons with --backend tff)")
     group.add_argument("--job-minutes", type=float, default=None,
                        help="simulated duration of a device's job, during which its night may end and it drops "
@@ -52,11 +57,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+def fleet_config_from_args(args):
+    """The FleetConfig for parsed arguments; its server settings resolve as `fedkb serve`'s do."""
     from fedkb_core.errors import FedkbError
+    from fedkb_core.training_config import TrainingConfig
     from model.evaluation import EvalConfig
     from simulation.fleet import FleetConfig
-    from simulation.run import simulate
 
     for name in ("clients", "clients_per_round", "rounds", "workers", "device_epochs", "max_examples"):
         if getattr(args, name) < 1:
@@ -73,13 +79,25 @@ def run(args) -> int:
         raise FedkbError(f"--job-minutes must not be negative, got {args.job_minutes}")
     unless_default = {k: v for k, v in (("over_selection", args.over_selection), ("job_minutes", args.job_minutes))
                       if v is not None}
-    server_lr = args.server_lr if args.server_lr is not None else (0.03 if args.server_optimizer == "adam" else 1.0)
-    fleet = FleetConfig(
+    training = TrainingConfig(goal_clients=args.clients_per_round, clip_norm=args.clip_norm,
+                              server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                              server_momentum=args.server_momentum, device_lr=args.device_lr,
+                              device_epochs=args.device_epochs, device_max_examples=args.max_examples)
+    problems = training.training_problems()
+    if problems:
+        raise FedkbError("; ".join(problems))
+    return FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
-        clip_norm=args.clip_norm, server_lr=server_lr, server_momentum=args.server_momentum,
+        clip_norm=args.clip_norm, server_lr=training.server_lr, server_momentum=args.server_momentum,
         server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
+
+
+def run(args) -> int:
+    from simulation.run import simulate
+
+    fleet = fleet_config_from_args(args)
     model = model_config_from_args(args, vocab_size=args.vocab_size)
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
                       backend=args.backend, baseline=args.baseline, vocab_size=args.vocab_size)
