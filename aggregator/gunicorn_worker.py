@@ -36,6 +36,7 @@ from gunicorn.workers.gthread import TConn
 from aggregator.server_errors import JsonErrorThreadWorker, error_response
 
 _HEADER_END = b"\r\n\r\n"
+STOP_LINGER = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,8 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
             return
         except OSError:
             return self._drop(conn)
-        if not data:
-            return self._drop(conn)
+        if not data:  # the client is done sending: with its headers in, the app answers what came
+            return self._dispatch(conn) if state.needed is not None else self._drop(conn)
         state.buf += data
         self._buffered += len(data)
         if state.needed is None:
@@ -162,6 +163,11 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
             elif state.deadline <= now:
                 what = "headers" if state.needed is None else "body"
                 self._refuse(conn, 408, "Request Timeout", f"the request {what} did not arrive in time")
+
+    def _cap_keepalive(self, deadline):
+        """A stopping worker keeps idle kept-alive connections `STOP_LINGER` s, not gunicorn's 2 s: a
+        request already on its way is still answered, and a restart is not held up by idle clients."""
+        super()._cap_keepalive(min(deadline, time.monotonic() + STOP_LINGER))
 
     # -- in a request thread ----------------------------------------------------------------------
 

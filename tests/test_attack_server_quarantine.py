@@ -21,7 +21,8 @@ def test_a_damaged_accepted_blob_is_quarantined_and_the_round_still_publishes(tm
     model, state = make_weights_model(tmp_path / "model", seed=3), tmp_path / "state"
     accept_only = tmp_path / "accept_only.json"
     accept_only.write_text(json.dumps({"background_worker": False}))
-    args = ("--goal-clients", "3", "--min-clients", "2", "--round-timeout", "120", "--clip-norm", "1.0")
+    args = ("--goal-clients", "3", "--min-clients", "2", "--round-timeout", "120", "--clip-norm", "1.0",
+            "--server-optimizer", "sgd")  # plain FedAvg: the new version is w + mean delta
 
     # Process 1 opens round 1 and hands out four tasks; process 2 accepts three updates (the goal:
     # the round is closing) but folds none.
