@@ -8,7 +8,8 @@ worker does the buffering proxy's part itself, in its event loop, where a waitin
 no thread:
 
 - the request line and headers must arrive within `header_timeout` seconds of the connection
-  (or of the previous response on a kept-alive one), at most `max_header_bytes` of them;
+  (or of the previous response on a kept-alive one); a request line or header block larger than
+  gunicorn's limits allow goes to a thread at once, whose parser refuses it;
 - a body with a Content-Length must then arrive within `body_timeout` seconds; it is collected in
   the loop too (up to `max_request_bytes` each, while the worker holds less than
   `max_buffered_bytes` of unfinished requests);
@@ -17,8 +18,8 @@ no thread:
   socket reads share the same deadline, so it too ends in bounded time;
 - gunicorn's `worker_connections` bounds how many connections a worker holds at once.
 
-A connection that misses a deadline gets a JSON 408 (a header block too large, a JSON 431) and is
-closed; gunicorn's own parse errors are answered in JSON too (`JsonErrorThreadWorker`). Plain
+A connection that misses a deadline gets a JSON 408 and is closed; gunicorn's own parse errors
+are answered in JSON too (`JsonErrorThreadWorker`). Plain
 HTTP/1.1 only (fedkb serve terminates no TLS; a proxy in front does).
 """
 
@@ -45,7 +46,7 @@ class ConnectionLimits:
 
     header_timeout: float = 10.0
     body_timeout: float = 60.0
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = 64 * 1024  # beyond: to a thread, whose parser applies gunicorn's limits
     max_request_bytes: int = 64 * 1024 * 1024  # a larger claimed body goes to the app at once (to refuse)
     max_buffered_bytes: int = 256 * 1024 * 1024  # unfinished requests one worker holds in memory
 
@@ -110,9 +111,10 @@ class BufferingThreadWorker(JsonErrorThreadWorker):
         if state.needed is None:
             end = state.buf.find(_HEADER_END)
             if end < 0:
-                if len(state.buf) > self.limits.max_header_bytes:
-                    self._refuse(conn, 431, "Request Header Fields Too Large",
-                                 f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+                line_limit = self.cfg.limit_request_line + 2  # gunicorn's, with its CRLF (0: no limit)
+                line_too_long = line_limit > 2 and len(state.buf) > line_limit and b"\r\n" not in state.buf[:line_limit]
+                if len(state.buf) > self.limits.max_header_bytes or line_too_long:
+                    self._dispatch(conn)  # gunicorn's parser refuses it (414, 431, 400), in JSON
                 return
             length = _plain_body_length(bytes(state.buf[:end]))
             if length is None or length > self.limits.max_request_bytes:
