@@ -19,8 +19,8 @@ no thread:
 - gunicorn's `worker_connections` bounds how many connections a worker holds at once.
 
 A connection that misses a deadline gets a JSON 408 and is closed; gunicorn's own parse errors
-are answered in JSON too (`JsonErrorThreadWorker`). Plain
-HTTP/1.1 only (fedkb serve terminates no TLS; a proxy in front does).
+are answered in JSON too (`JsonErrorThreadWorker`). Plain HTTP/1.1 only (fedkb serve terminates
+no TLS; a proxy in front does). Tested in tests/test_aggregator_slow_clients.py.
 """
 
 from __future__ import annotations
