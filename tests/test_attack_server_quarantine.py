@@ -65,9 +65,11 @@ def test_a_damaged_accepted_blob_is_quarantined_and_the_round_still_publishes(tm
 
         d, t, (deltas, n) = devices[3], tasks[3], updates[3]
         assert d.upload(t.round_id, d.body(t, deltas, num_examples=n)).status_code == 200
-        s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and s, timeout=30, what="version 2")
-        assert s["versions"][0]["num_clients"] == 3 and s["rounds"][1]["state"] == "closed"
-        assert s["round"]["id"] == 2 and s["round"]["state"] == "open"
+        # Publishing version 2 and opening round 2 are two steps; wait for the second.
+        s = wait_for(lambda: (s := status(server.url))["model_version"] == 2 and (s["round"] or {}).get("id") == 2
+                     and s, timeout=30, what="version 2 published and round 2 open")
+        assert s["versions"][0]["num_clients"] == 3 and s["round"]["state"] == "open"
+        assert {r["id"]: r["state"] for r in s["rounds"]}[1] == "closed"
     finally:
         server.stop()
 
