@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -94,9 +95,19 @@ def fleet_config_from_args(args):
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
 
 
+def _quiet_emulated_devices(verbose: bool) -> None:
+    """Hundreds of emulated phones each log their enrollment, downloads and swaps at INFO, which
+    buries the per-round lines a data scientist reads; keep their warnings and errors (and all of
+    it with -v). This is the fleet's own process, where devices enroll, check in and download;
+    the spawned workers configure no handler, so only their warnings reach stderr anyway."""
+    if not verbose:
+        logging.getLogger("edge_runtime").setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
 def run(args) -> int:
     from simulation.run import simulate
 
+    _quiet_emulated_devices(getattr(args, "verbose", False))
     fleet = fleet_config_from_args(args)
     model = model_config_from_args(args, vocab_size=args.vocab_size)
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
