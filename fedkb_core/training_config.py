@@ -42,6 +42,24 @@ class TrainingConfig:
     device_epochs: int = 1
     device_max_examples: int = 64
 
+    # User-level differential privacy (issue 14; docs/architecture.md, "Differential privacy").
+    # DP-FedAvg (McMahan et al., 2018) is on when dp_noise_multiplier (Z) is set: every update
+    # clipped to clip_norm, an unweighted sum over a fixed denominator (goal_clients) and Gaussian
+    # noise of standard deviation Z x clip_norm added once per round.
+    dp_noise_multiplier: float | None = None  # Z; None: DP off
+    # Adaptive clipping (Andrew et al., 2021): clip_norm moves geometrically towards the
+    # dp_target_quantile of the update norms, from a clipped count noised with
+    # dp_clipped_count_stddev (sigma_b; None: goal_clients / 20).
+    dp_adaptive_clipping: bool = False
+    dp_target_quantile: float = 0.5
+    dp_clip_learning_rate: float = 0.2
+    dp_clipped_count_stddev: float | None = None
+    # Accounting: the population N (devices that may ever take part), the delta (None: 1 / N**1.1)
+    # and a budget: no round opens whose release would push epsilon past dp_target_epsilon.
+    dp_population: int | None = None
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
+
     def __post_init__(self):
         if self.min_clients is None and isinstance(self.goal_clients, int):
             object.__setattr__(self, "min_clients", max(1, self.goal_clients // 2))
@@ -74,6 +92,75 @@ class TrainingConfig:
             problems.append("server_momentum applies to server_optimizer sgd (FedAvgM) only")
         if self.device_epochs < 1 or self.device_max_examples < 1:
             problems.append("device_epochs and device_max_examples must be >= 1")
+        return problems + self.privacy_problems()
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_noise_multiplier is not None
+
+    @property
+    def resolved_clipped_count_stddev(self) -> float:
+        """sigma_b: as set, else goal / 20 (TFF's `gaussian_adaptive` default, 0.05 x clients per round)."""
+        if self.dp_clipped_count_stddev is not None:
+            return self.dp_clipped_count_stddev
+        return 0.05 * self.goal_clients
+
+    @property
+    def resolved_delta(self) -> float | None:
+        """delta: as set, else 1 / N**1.1 when the population N is known (else None)."""
+        if self.dp_delta is not None:
+            return self.dp_delta
+        return None if self.dp_population is None else 1.0 / self.dp_population ** 1.1
+
+    def privacy_problems(self) -> list[str]:
+        """What the differential-privacy settings cannot honour, one message each (empty when valid)."""
+        problems = []
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        z = self.dp_noise_multiplier
+        if z is not None and not (finite(z) and z >= 0):
+            problems.append(f"dp_noise_multiplier must be a number >= 0, got {z}")
+        if not (finite(self.dp_target_quantile) and 0.0 < self.dp_target_quantile < 1.0):
+            problems.append(f"dp_target_quantile must be in (0, 1), got {self.dp_target_quantile}")
+        if not (finite(self.dp_clip_learning_rate) and self.dp_clip_learning_rate > 0):
+            problems.append(f"dp_clip_learning_rate must be a positive number, got {self.dp_clip_learning_rate}")
+        sigma_b = self.dp_clipped_count_stddev
+        if sigma_b is not None and not (finite(sigma_b) and sigma_b >= 0):
+            problems.append(f"dp_clipped_count_stddev must be a number >= 0, got {sigma_b}")
+        n = self.dp_population
+        if n is not None and n < 1:
+            problems.append(f"dp_population must be >= 1, got {n}")
+        elif n is not None and n < self.goal_clients:
+            problems.append(f"dp_population ({n}) must be >= goal_clients ({self.goal_clients})")
+        delta = self.dp_delta
+        if delta is not None:
+            bound = 1.0 / n if n is not None and n >= 1 else 1.0
+            if not (finite(delta) and 0.0 < delta < bound):
+                where = f"1/dp_population = {bound:.3g}" if n is not None else "1"
+                problems.append(f"dp_delta must be in (0, {where}), got {delta}")
+        eps = self.dp_target_epsilon
+        if eps is not None and not (finite(eps) and eps > 0):
+            problems.append(f"dp_target_epsilon must be a positive number, got {eps}")
+        if z is None:
+            for name, on in (("dp_adaptive_clipping", self.dp_adaptive_clipping),
+                             ("dp_clipped_count_stddev", sigma_b is not None),
+                             ("dp_target_epsilon", eps is not None)):
+                if on:
+                    problems.append(f"{name} needs differential privacy on (set dp_noise_multiplier)")
+            return problems
+        if self.goal_clients < 1:
+            problems.append(f"differential privacy divides by goal_clients, which must be >= 1, got {self.goal_clients}")
+        if sigma_b is not None and not self.dp_adaptive_clipping:
+            problems.append("dp_clipped_count_stddev applies to dp_adaptive_clipping only")
+        if (self.dp_adaptive_clipping and finite(z) and z > 0 and finite(self.resolved_clipped_count_stddev)
+                and not z < 2 * self.resolved_clipped_count_stddev):
+            problems.append(
+                f"dp_noise_multiplier ({z}) must be below 2 x dp_clipped_count_stddev "
+                f"({2 * self.resolved_clipped_count_stddev:g}) with adaptive clipping: the update noise "
+                "z_delta = (Z^-2 - (2 sigma_b)^-2)^-1/2 is undefined otherwise; raise dp_clipped_count_stddev "
+                "(default goal_clients / 20) or lower the noise multiplier")
         return problems
 
     @classmethod
@@ -84,6 +171,14 @@ class TrainingConfig:
 
 TRAINING = TrainingConfig()
 
+_DERIVED_HELP = {
+    "dp_noise_multiplier": "none, differential privacy off",
+    "dp_clipped_count_stddev": "goal_clients / 20",
+    "dp_population": "unknown; `fedkb simulate`: --clients",
+    "dp_delta": "1 / dp_population**1.1",
+    "dp_target_epsilon": "none, no budget",
+}
+
 
 def field_help(name: str) -> str:
     """`(default: X)` for a flag's help text, with the derived defaults said in words."""
@@ -91,4 +186,6 @@ def field_help(name: str) -> str:
         return f"(default: half the goal, {TRAINING.min_clients} for the default goal)"
     if name == "server_lr":
         return "(default: " + ", ".join(f"{lr} with {opt}" for opt, lr in SERVER_LR.items()) + ")"
+    if name in _DERIVED_HELP:
+        return f"(default: {_DERIVED_HELP[name]})"
     return f"(default: {getattr(TRAINING, name)})"

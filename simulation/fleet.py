@@ -39,7 +39,7 @@ from fedkb_core.durable import sha256_file
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import Manifest
 from fedkb_core.protocol import RoundTask
-from fedkb_core.training_config import TRAINING
+from fedkb_core.training_config import TRAINING, TrainingConfig
 from model.evaluation import EvalConfig, evaluate_weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
 from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult, SimulatedClock, emulated_device,
@@ -49,7 +49,10 @@ from simulation.report import Participation, RoundRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["POLICY", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
+# The differential-privacy settings a fleet passes to its server (TrainingConfig's dp_* fields).
+PRIVACY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingConfig) if f.name.startswith("dp_"))
+
+__all__ = ["POLICY", "PRIVACY_FIELDS", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,15 @@ class FleetConfig:
     # FedAdam (Reddi et al., 2021; β₁ 0.9, β₂ 0.99, ε 1e-3): measured on Shakespeare it beat FedAvgM
     # (momentum 0.7) at 30 rounds and, at 300 rounds, the 1-epoch centralized baseline (README).
     server_optimizer: str = TRAINING.server_optimizer
+    # Differential privacy, as `fedkb serve`'s --dp-* flags (PRIVACY_FIELDS; off by default).
+    dp_noise_multiplier: float | None = TRAINING.dp_noise_multiplier
+    dp_adaptive_clipping: bool = TRAINING.dp_adaptive_clipping
+    dp_target_quantile: float = TRAINING.dp_target_quantile
+    dp_clip_learning_rate: float = TRAINING.dp_clip_learning_rate
+    dp_clipped_count_stddev: float | None = TRAINING.dp_clipped_count_stddev
+    dp_population: int | None = TRAINING.dp_population
+    dp_delta: float | None = TRAINING.dp_delta
+    dp_target_epsilon: float | None = TRAINING.dp_target_epsilon
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)
@@ -107,7 +119,17 @@ def serve_arguments(config: FleetConfig) -> list[str]:
             "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
             "--device-lr", str(config.device_lr), "--device-epochs", str(config.device_epochs),
             "--device-max-examples", str(config.max_examples)]
+    for name in PRIVACY_FIELDS:
+        value = getattr(config, name)
+        if value is True:
+            args.append(_flag(name))
+        elif value is not None and value is not False:
+            args += [_flag(name), str(value)]
     return args + (["--min-clients", str(config.min_clients)] if config.min_clients else [])
+
+
+def _flag(field: str) -> str:
+    return "--target-epsilon" if field == "dp_target_epsilon" else "--" + field.replace("_", "-")
 
 
 class ServerAccess:

@@ -37,6 +37,19 @@ _TRAINING_FLAGS = (
     ("--device-max-examples", "device_max_examples", int,
      "most training windows a device trains on per task (and may report)"),
 )
+# Differential privacy (docs/architecture.md, "Differential privacy"); `fedkb simulate` takes the same.
+DP_FLAGS = (
+    ("--dp-noise-multiplier", "dp_noise_multiplier", float,
+     "Z: user-level DP-FedAvg, Gaussian noise of std Z x clip norm on each round's unweighted sum"),
+    ("--dp-adaptive-clipping", "dp_adaptive_clipping", bool,
+     "move the clip norm towards --dp-target-quantile of the update norms (Andrew et al., 2021)"),
+    ("--dp-target-quantile", "dp_target_quantile", float, "quantile of update norms the clip norm tracks"),
+    ("--dp-clip-learning-rate", "dp_clip_learning_rate", float, "geometric learning rate of the clip norm"),
+    ("--dp-clipped-count-stddev", "dp_clipped_count_stddev", float, "sigma_b, noise on the clipped count"),
+    ("--dp-population", "dp_population", int, "N, devices that may ever take part (for delta and epsilon)"),
+    ("--dp-delta", "dp_delta", float, "delta of the (epsilon, delta) guarantee, below 1/N"),
+    ("--target-epsilon", "dp_target_epsilon", float, "open no round whose release would push epsilon past this"),
+)
 _SERVER_FLAGS = (
     ("--round-timeout", "round_timeout", float, "seconds from a round's opening to its deadline"),
     ("--device-batch-size", "device_batch_size", int, "must equal the model's static batch size (default: it)"),
@@ -54,7 +67,7 @@ _CONNECTION_FLAGS = (
      "open connections per worker process; further ones wait in the kernel's listen queue"),
     ("--keep-alive", "keep_alive", int, "seconds an idle kept-alive connection stays open"),
 )
-_FLAGS = _TRAINING_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
+_FLAGS = _TRAINING_FLAGS + DP_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
 
 
 def register(subparsers) -> None:
@@ -99,11 +112,16 @@ def register(subparsers) -> None:
     p.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     for title, flags in (("rounds, aggregation and device tasks (the settings the README measured)", _TRAINING_FLAGS),
+                         ("differential privacy (off unless --dp-noise-multiplier is given)", DP_FLAGS),
                          ("server", _SERVER_FLAGS),
                          ("connections (gunicorn; not with --dev)", _CONNECTION_FLAGS)):
         group = p.add_argument_group(title)
         for flag, field, kind, text in flags:
-            group.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} {default_help(field)}")
+            if kind is bool:
+                group.add_argument(flag, dest=field, action="store_true", default=None,
+                                   help=f"{text} {default_help(field)}")
+            else:
+                group.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} {default_help(field)}")
     p.set_defaults(func=run)
 
 

@@ -54,8 +54,23 @@ def register(subparsers) -> None:
     group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
     group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
+    _add_privacy_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _add_privacy_arguments(parser) -> None:
+    """`fedkb serve`'s differential-privacy flags, passed on to the server the fleet starts."""
+    from fedkb.commands.serve import DP_FLAGS
+
+    group = parser.add_argument_group("differential privacy (off unless --dp-noise-multiplier is given)")
+    for flag, field, kind, text in DP_FLAGS:
+        # "%(default).0s" prints nothing; field_help says the default (derived ones in words).
+        if kind is bool:
+            group.add_argument(flag, dest=field, action="store_true", help=f"{text} {field_help(field)}%(default).0s")
+        else:
+            group.add_argument(flag, dest=field, type=kind, default=getattr(TRAINING, field),
+                               help=f"{text} {field_help(field)}%(default).0s")
 
 
 def fleet_config_from_args(args):
@@ -63,7 +78,7 @@ def fleet_config_from_args(args):
     from fedkb_core.errors import FedkbError
     from fedkb_core.training_config import TrainingConfig
     from model.evaluation import EvalConfig
-    from simulation.fleet import FleetConfig
+    from simulation.fleet import PRIVACY_FIELDS, FleetConfig
 
     for name in ("clients", "clients_per_round", "rounds", "workers", "device_epochs", "max_examples"):
         if getattr(args, name) < 1:
@@ -80,18 +95,23 @@ def fleet_config_from_args(args):
         raise FedkbError(f"--job-minutes must not be negative, got {args.job_minutes}")
     unless_default = {k: v for k, v in (("over_selection", args.over_selection), ("job_minutes", args.job_minutes))
                       if v is not None}
+    privacy = {name: getattr(args, name) for name in PRIVACY_FIELDS}
+    if privacy["dp_population"] is None and privacy["dp_noise_multiplier"] is not None:
+        privacy["dp_population"] = args.clients  # the fleet is the whole population
     training = TrainingConfig(goal_clients=args.clients_per_round, clip_norm=args.clip_norm,
                               server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                               server_momentum=args.server_momentum, device_lr=args.device_lr,
-                              device_epochs=args.device_epochs, device_max_examples=args.max_examples)
+                              device_epochs=args.device_epochs, device_max_examples=args.max_examples, **privacy)
     problems = training.training_problems()
     if problems:
         raise FedkbError("; ".join(problems))
+    if training.dp_enabled and getattr(args, "backend", "fedkb") != "fedkb":
+        raise FedkbError("--dp-noise-multiplier runs on --backend fedkb only (the TFF reference has no DP here)")
     return FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
         clip_norm=args.clip_norm, server_lr=training.server_lr, server_momentum=args.server_momentum,
-        server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default,
+        server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default, **privacy,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
 
 
