@@ -4,7 +4,8 @@ Import into a test module with `from tests.fixtures_edge import *`. The model is
 per test session even when several modules import the fixture (a module-level cache), because a
 conversion costs ~12 s on two cores. `FaultProxy` is a real HTTP proxy on loopback between a
 device and a real server that can answer 503, drop a connection after the server has the
-request, or corrupt a file in transit.
+request, or corrupt a file in transit. `RecordingProxy` is a TCP relay that keeps every byte a
+device sends.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import http.server
 import itertools
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -29,7 +32,8 @@ EDGE_TINY = dict(embed_dim=8, lstm_units=16, batch_size=4, seq_len=6)
 _BUILT: dict[str, Path] = {}
 
 __all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultProxy", "state", "ALL_MET",
-           "SAMPLE_LINES", "bump_version", "proxy", "Typist"]
+           "SAMPLE_LINES", "bump_version", "proxy", "Typist", "RecordingProxy", "HttpRequest",
+           "shakespeare_edge_model", "PRIVATE_MESSAGES"]
 
 
 def state(**changes):
@@ -40,6 +44,16 @@ def state(**changes):
 
 
 ALL_MET = dict(idle=True, charging=True, unmetered=True, battery=90.0)
+
+# What a user might type and must never see on the wire (no word of ≥ 4 letters here occurs in
+# the protocol's own vocabulary: headers, JSON keys, tensor names; "rent" would, in "recurrent").
+PRIVATE_MESSAGES = [
+    "my pin is 4197", "the bank code for my account is swordfish", "meet me outside the pharmacy at noon",
+    "doctor hernandez called about the biopsy", "my new address is 22 juniper lane",
+    "dont tell anyone about the surprise party", "the wifi password is marmalade", "love you see you tonight",
+    "remember to pay the plumber on friday", "i think my landlord reads my mail", "the alarm code is 8 3 5 1",
+    "call grandma on sunday",
+]
 
 
 def enrolled_with_task(url: str, secret: str):
@@ -75,6 +89,22 @@ def edge_model(tmp_path_factory) -> Path:
         export_model(tokenizer_path=root / "data" / "tokenizer.model", out_dir=root / "v1", config=config)
         _BUILT["v1"] = root / "v1"
     return _BUILT["v1"]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_edge_model(tmp_path_factory, shakespeare_prepared) -> Path:
+    """The tiny model exported with the real Shakespeare tokenizer (1000 pieces, words among
+    them): a device's typed words are then a small part of the vocabulary, as on a phone."""
+    if "shakespeare" not in _BUILT:
+        from datasets.prepared import load_prepared
+        from export.pipeline import export_model
+        from model.config import ModelConfig
+
+        config = ModelConfig(vocab_size=load_prepared(shakespeare_prepared).vocab_size, **EDGE_TINY)
+        out = tmp_path_factory.mktemp("shakespeare_edge_model") / "v1"
+        export_model(tokenizer_path=shakespeare_prepared / "tokenizer.model", out_dir=out, config=config)
+        _BUILT["shakespeare"] = out
+    return _BUILT["shakespeare"]
 
 
 def bump_version(source: Path, dest: Path, version: int) -> Path:
@@ -227,6 +257,88 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._http.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str
+    head: bytes  # request line and headers, as sent
+    body: bytes
+
+
+class RecordingProxy:
+    """A loopback TCP relay in front of `upstream` that keeps every byte the client sends.
+
+    It relays bytes, not HTTP messages, so what it records is exactly what left the client:
+    request lines, headers, bodies, every retry. `sent()` gives each connection's bytes in
+    order; `requests()` splits them into HTTP requests (Content-Length framing, which is all
+    the device's client uses)."""
+
+    def __init__(self, upstream: str):
+        parts = urlsplit(upstream)
+        self._target = (parts.hostname, parts.port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sent: list[bytearray] = []
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # stopped
+                return
+            upstream = socket.create_connection(self._target)
+            record = bytearray()
+            with self._lock:
+                self._sent.append(record)
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if record is not None:
+                    with self._lock:
+                        record += data
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def sent(self) -> list[bytes]:
+        """The bytes the client sent, one entry per connection."""
+        with self._lock:
+            return [bytes(r) for r in self._sent]
+
+    def requests(self) -> list[HttpRequest]:
+        found = []
+        for stream in self.sent():
+            at = 0
+            while at < len(stream):
+                end = stream.index(b"\r\n\r\n", at) + 4
+                head = stream[at:end]
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                assert "transfer-encoding" not in headers, "a chunked request: extend the parser"
+                length = int(headers.get("content-length", 0))
+                method, path, _ = lines[0].split(" ", 2)
+                found.append(HttpRequest(method, path, head, stream[end:end + length]))
+                at = end + length
+        return found
+
+    def stop(self) -> None:
+        with self._lock:
+            for s in [self._listener, *self._sockets]:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept / recv
+                except OSError:
+                    pass
+                s.close()
 
 
 @pytest.fixture
