@@ -76,6 +76,34 @@ def test_noise_off_equals_tff_tree_aggregation_with_sgdm_and_restarts(efficient,
     assert restarted_rounds == [1, 5] and ours.tree.state.tree_index == 2
 
 
+def test_noise_off_equals_tff_differentially_private_factory_tree_aggregation():
+    """The factory itself, run by TFF's runtime (no restarts: the factory has none), then build_sgdm."""
+    tf = pytest.importorskip("tensorflow")
+    tff = pytest.importorskip("tensorflow_federated")
+    from simulation.tff_cleanup import stop_tff_workers
+
+    dim, denominator, lr, momentum = sum(int(np.prod(s)) for s in SHAPES.values()), 3.0, 0.6, 0.9
+    factory = tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
+        noise_multiplier=0.0, clients_per_round=denominator, l2_norm_clip=CLIP,
+        record_specs=tf.TensorSpec((dim,), tf.float32), noise_seed=1, use_efficient=True)
+    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=lr, momentum=momentum)
+    weights0 = _flat(_client_updates(100, 1)[0]).astype(np.float32)
+    ours = DpFtrl(TreeConfig(stddev=0.0, efficient=True), FtrlConfig(lr, momentum, denominator), weights0)
+    try:
+        process = factory.create(tff.TensorType(np.float32, (dim,)))
+        agg_state, opt_state = process.initialize(), optimizer.initialize(tf.TensorSpec((dim,), tf.float32))
+        tff_w = tf.constant(weights0)
+        for round_ in range(6):
+            updates = _client_updates(round_)
+            output = process.next(agg_state, [_flat(u).astype(np.float32) for u in updates])
+            agg_state = output.state
+            opt_state, tff_w = optimizer.next(opt_state, tff_w, -tf.constant(output.result))
+            np.testing.assert_allclose(ours.round(_clipped_sum(updates)), tff_w.numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"round {round_}")
+    finally:
+        stop_tff_workers()
+
+
 def test_zero_momentum_is_server_sgd_on_the_fixed_denominator_mean():
     weights0, denominator, lr = _client_updates(50, 1)[0], 4.0, 0.5
     ftrl = DpFtrl(TreeConfig(stddev=0.0), FtrlConfig(learning_rate=lr, denominator=denominator), _flat(weights0))
