@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
+from fedkb_core.privacy_accounting import max_participations
+
 
 @dataclasses.dataclass(frozen=True)
 class MinSeparation:
@@ -50,4 +52,4 @@ class MinSeparation:
         accountant (ceil(T / (s + 1)))."""
         if releases < 0:
             raise ValueError(f"releases must be >= 0, got {releases}")
-        return -(-releases // (self.releases_between + 1))
+        return max_participations(releases, self.releases_between)

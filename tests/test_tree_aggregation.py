@@ -146,6 +146,20 @@ def test_other_seeds_and_other_trees_give_independent_noise():
     np.testing.assert_array_equal(base, TreeNoise(seeded_node_noise(11, 0, dim, 1.0)).cumulative(0))
 
 
+@pytest.mark.parametrize("period, warmup", [(None, 0), (1, 0), (4, 0), (5, 3), (7, 1)])
+def test_restarts_make_the_trees_the_accountant_charges_for(period, warmup):
+    from fedkb_core.privacy_accounting import tree_sizes
+
+    tree, sizes, leaves = TreeAggregator(TreeConfig(0.0, restart_period=period, restart_warmup=warmup), 1,
+                                         TreeState(seed=1)), [], 0
+    for _ in range(23):
+        leaves += 1
+        if tree.release(np.zeros(1))[1]:
+            sizes.append(leaves)
+            leaves = 0
+    assert sizes + ([leaves] if leaves else []) == tree_sizes(23, period, warmup)
+
+
 def test_noise_off_releases_exact_prefix_sums_restarting_from_zero():
     sums = np.arange(12.0).reshape(6, 2)
     tree = TreeAggregator(TreeConfig(stddev=0.0, restart_period=4), 2, TreeState(seed=3))
