@@ -71,7 +71,17 @@ CREATE TABLE IF NOT EXISTS rounds (
     outcome TEXT,
     published_version INTEGER,
     aggregate_seconds REAL,
-    publish_seconds REAL
+    publish_seconds REAL,
+    dp_noise_multiplier REAL,
+    dp_update_noise_multiplier REAL,
+    dp_clipped_count_stddev REAL,
+    dp_denominator INTEGER,
+    dp_unclipped_fraction REAL,
+    dp_next_clip_norm REAL
+);
+CREATE TABLE IF NOT EXISTS dp_noise_seeds (
+    round_id INTEGER PRIMARY KEY,
+    seed TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tasks (
     round_id INTEGER NOT NULL,
@@ -128,7 +138,10 @@ def init_db(state_dir: Path) -> None:
 
 
 # Columns added after the first release, for state folders created before them.
-_ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL"))}
+_ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL")),
+                  "rounds": (("dp_noise_multiplier", "REAL"), ("dp_update_noise_multiplier", "REAL"),
+                             ("dp_clipped_count_stddev", "REAL"), ("dp_denominator", "INTEGER"),
+                             ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"))}
 
 
 def _add_missing_columns(conn) -> None:
@@ -409,7 +422,7 @@ def add_update(conn, *, round_id: int, device_id: str, num_examples: int, update
 
 
 def updates_after(conn, round_id: int, after_id: int, limit: int) -> list:
-    return conn.execute("SELECT id, round_id, device_id, bytes, blob, num_examples FROM updates"
+    return conn.execute("SELECT id, round_id, device_id, bytes, blob, num_examples, device_norm FROM updates"
                         " WHERE round_id = ? AND id > ? ORDER BY id LIMIT ?", (round_id, after_id, limit)).fetchall()
 
 
@@ -421,6 +434,29 @@ def drop_update(conn, update_id: int) -> None:
 def update_norms(conn, round_id: int, limit: int = 2000) -> list[float]:
     return [r[0] for r in conn.execute("SELECT update_norm FROM updates WHERE round_id = ? ORDER BY id LIMIT ?",
                                        (round_id, limit))]
+
+
+def last_closed_round(conn) -> RoundRecord | None:
+    """The most recent round that published a version (abandoned ones released nothing)."""
+    return _round(conn.execute("SELECT * FROM rounds WHERE state = 'closed' ORDER BY id DESC LIMIT 1").fetchone())
+
+
+# Differential privacy: a round's noise seed lives in its own table, never in the round's record
+# (which /v1/status shows): with the seed and the published model anyone could subtract the noise.
+
+def noise_seed(conn, round_id: int) -> str | None:
+    row = conn.execute("SELECT seed FROM dp_noise_seeds WHERE round_id = ?", (round_id,)).fetchone()
+    return None if row is None else row["seed"]
+
+
+def keep_noise_seed(conn, round_id: int, seed: str) -> str:
+    """Record the round's seed unless one is recorded already; return the one that holds."""
+    conn.execute("INSERT OR IGNORE INTO dp_noise_seeds (round_id, seed) VALUES (?, ?)", (round_id, seed))
+    return noise_seed(conn, round_id)
+
+
+def forget_noise_seed(conn, round_id: int) -> None:
+    conn.execute("DELETE FROM dp_noise_seeds WHERE round_id = ?", (round_id,))
 
 
 # Counters saturate at 2^53: exact as a JSON number in any reader (a browser's too), far above

@@ -37,6 +37,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 
 from aggregator import db
+from aggregator.dp import DPGaussianSum
 from aggregator.fedavg import ClippedSum, WeightedSum
 from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
@@ -123,17 +124,40 @@ class FolderLock:
 
 
 class RoundSum:
-    """A round's running sum plus the id of the last update folded into it."""
+    """A round's running sum plus the id of the last update folded into it.
 
-    def __init__(self, round_id: int, specs: list[WeightSpec], clip_norm: float, *, total: WeightedSum | None = None,
-                 last_folded_id: int = 0):
-        self.round_id = round_id
+    A differentially private round (`round_.dp_enabled`) sums unit-weight updates into a
+    `DPGaussianSum` (aggregator/dp.py) and counts `unclipped`, the updates whose norm was at most
+    the clip norm (adaptive clipping's count); both are checkpointed like the sum.
+    """
+
+    def __init__(self, round_: RoundRecord, specs: list[WeightSpec], *, total: WeightedSum | None = None,
+                 last_folded_id: int = 0, unclipped: int = 0):
+        self.round_id = round_.id
         self.specs = specs
         # Name order: the order safetensors stores float32 tensors in, so a blob's data is one
         # vector in the sum's layout (`Folder._flat_float32`).
         self.total = total or WeightedSum({s.name: s.shape for s in sorted(specs, key=lambda s: s.name)})
-        self.clipped = ClippedSum(self.total, clip_norm)
+        if round_.dp_enabled:
+            self.clipped = DPGaussianSum(self.total, clip_norm=round_.clip_norm,
+                                         noise_multiplier=round_.dp_update_noise_multiplier,
+                                         denominator=round_.dp_denominator)
+        else:
+            self.clipped = ClippedSum(self.total, round_.clip_norm)
         self.last_folded_id = last_folded_id
+        self.unclipped = unclipped
+
+    def count_norm(self, measured: float, reported: float | None) -> None:
+        """Count the update as unclipped if its norm before any clipping was at most C.
+
+        The device clipped already and reports its norm before that (`device_norm`); the server
+        re-measures what arrived. The larger of the two is the norm before clipping (a device that
+        did not clip shows its true norm to the server), so an update counts as unclipped only if
+        both say it fitted.
+        """
+        norm = max(measured, reported or 0.0)
+        if norm <= self.clipped.clip_norm:
+            self.unclipped += 1
 
 
 class Folder:
@@ -168,13 +192,13 @@ class Folder:
             _, meta, _ = read_header(raw)
             arrays = dict(sorted(st_load(raw).items()))  # name order, as `RoundSum` lays a new sum out
             total = WeightedSum.restore(arrays, total_examples=int(meta["total_examples"]), count=int(meta["count"]))
-            current = RoundSum(round_.id, specs, round_.clip_norm, total=total,
-                               last_folded_id=int(meta["last_folded_id"]))
+            current = RoundSum(round_, specs, total=total, last_folded_id=int(meta["last_folded_id"]),
+                               unclipped=int(meta.get("unclipped", 0)))
             self.fold_seconds = float(meta.get("fold_seconds", 0.0))
             log.info("resumed round sum", extra={"round_id": round_.id, "folded": total.count,
                                                   "last_folded_id": current.last_folded_id})
         else:
-            current = RoundSum(round_.id, specs, round_.clip_norm)
+            current = RoundSum(round_, specs)
         self._current = current
         # Blobs at or below the checkpoint's id were folded before a crash cut their deletion short.
         self._delete_folded_leftovers(current)
@@ -210,10 +234,11 @@ class Folder:
                 start = time.perf_counter()
                 path = self.state_dir / row["blob"]
                 try:
-                    self._add_blob(current, path, specs, row["num_examples"])
+                    norm = self._add_blob(current, path, specs, row["num_examples"])
                 except (UpdateRejected, ValueError, FileNotFoundError) as err:
                     self._quarantine(conn, row, path, err)
                     continue
+                current.count_norm(norm, row["device_norm"])
                 current.last_folded_id = int(row["id"])
                 self._pending_delete.append(path)
                 self.fold_seconds += time.perf_counter() - start
@@ -222,8 +247,9 @@ class Folder:
             self.checkpoint(conn)
         return folded
 
-    def _add_blob(self, current: RoundSum, path: Path, specs: list[WeightSpec], num_examples: int) -> None:
-        """Add one accepted blob to the sum; nothing is added if it raises.
+    def _add_blob(self, current: RoundSum, path: Path, specs: list[WeightSpec], num_examples: int) -> float:
+        """Add one accepted blob to the sum; return its norm before the server's clipping.
+        Nothing is added if it raises.
 
         Raises:
             UpdateRejected, ValueError, FileNotFoundError: the blob is gone or no longer decodes
@@ -234,10 +260,10 @@ class Folder:
         try:
             if values is None:
                 raise ValueError("not the float32 layout of the sum")
-            current.clipped.add_flat(values, num_examples)
+            return current.clipped.add_flat(values, num_examples)
         except ValueError:  # decode_update decodes any other encoding, or says what is wrong
             update = decode_update(bytes(raw), specs, max_examples=None)
-            current.clipped.add(update.deltas, num_examples)
+            return current.clipped.add(update.deltas, num_examples)
 
     def _quarantine(self, conn, row, path: Path, err: Exception) -> None:
         """Set aside an accepted blob that no longer folds, so its round goes on without it.
@@ -333,7 +359,7 @@ class Folder:
         self.sums_dir.mkdir(exist_ok=True)
         meta = {"round_id": str(current.round_id), "last_folded_id": str(current.last_folded_id),
                 "total_examples": str(current.total.total_examples), "count": str(current.total.count),
-                "fold_seconds": repr(self.fold_seconds)}
+                "fold_seconds": repr(self.fold_seconds), "unclipped": str(current.unclipped)}
         save_tensors(self.checkpoint_path(current.round_id), current.total.weighted_sum, metadata=meta)
         self._last_checkpoint = time.monotonic()
         db.update_round(conn, current.round_id, folded=current.total.count,

@@ -45,6 +45,22 @@ class RoundRecord:
     published_version: int | None = None
     aggregate_seconds: float | None = None
     publish_seconds: float | None = None
+    # Differential privacy (None when off), frozen at opening like the rest: the total noise
+    # multiplier Z the accountant uses, the multiplier z_delta of the noise actually added to the
+    # update sum (Z itself with a fixed clip; higher with adaptive clipping, which spends part of
+    # the budget on the clipped count, whose noise has stddev sigma_b), and the fixed denominator.
+    dp_noise_multiplier: float | None = None
+    dp_update_noise_multiplier: float | None = None
+    dp_clipped_count_stddev: float | None = None
+    dp_denominator: int | None = None
+    # Set when the round closes (adaptive clipping): the noised fraction of updates that were not
+    # clipped, and the clip norm the next round uses.
+    dp_unclipped_fraction: float | None = None
+    dp_next_clip_norm: float | None = None
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_noise_multiplier is not None
 
     def task(self, report_by: float | None = None) -> RoundTask:
         """The task a device receives for this round (with its own report-by time, if it has one)."""
@@ -58,12 +74,36 @@ class RoundRecord:
         return self.state == OPEN and now < self.deadline
 
 
-def round_settings(config, *, model_version: int, batch_size: int, now: float) -> dict:
-    """The columns of a new round, frozen from the config at opening time."""
-    return dict(model_version=model_version, state=OPEN, opened_at=now, deadline=now + config.round_timeout,
-                min_clients=config.min_clients, goal_clients=config.goal_clients, max_assigned=config.max_assigned,
-                clip_norm=config.clip_norm, learning_rate=config.device_lr, epochs=config.device_epochs,
-                batch_size=batch_size, max_examples=config.device_max_examples, encoding=config.encoding)
+def round_settings(config, *, model_version: int, batch_size: int, now: float,
+                   previous: RoundRecord | None = None) -> dict:
+    """The columns of a new round, frozen from the config at opening time.
+
+    Args:
+        previous: the last round that published a version; with adaptive clipping the new round
+            clips at the norm that round chose (`dp_next_clip_norm`), so a restart continues the
+            sequence. Without one (or without adaptive clipping) the clip norm is the config's.
+    """
+    settings = dict(model_version=model_version, state=OPEN, opened_at=now, deadline=now + config.round_timeout,
+                    min_clients=config.min_clients, goal_clients=config.goal_clients,
+                    max_assigned=config.max_assigned, clip_norm=config.clip_norm, learning_rate=config.device_lr,
+                    epochs=config.device_epochs, batch_size=batch_size, max_examples=config.device_max_examples,
+                    encoding=config.encoding)
+    if config.dp_enabled:
+        settings.update(privacy_settings(config))
+        if config.dp_adaptive_clipping and previous is not None and previous.dp_next_clip_norm is not None:
+            settings["clip_norm"] = previous.dp_next_clip_norm
+    return settings
+
+
+def privacy_settings(config) -> dict:
+    """A DP round's noise columns: Z, the update noise z_delta, sigma_b and the denominator (the goal)."""
+    from aggregator.adaptive_clipping import update_noise_multiplier
+
+    z = float(config.dp_noise_multiplier)
+    sigma_b = config.resolved_clipped_count_stddev if config.dp_adaptive_clipping else None
+    return dict(dp_noise_multiplier=z,
+                dp_update_noise_multiplier=update_noise_multiplier(z, sigma_b) if sigma_b is not None else z,
+                dp_clipped_count_stddev=sigma_b, dp_denominator=config.goal_clients)
 
 
 def checkin_decision(round_: RoundRecord | None, *, has_task: bool, has_submitted: bool, now: float,

@@ -14,16 +14,24 @@ dies. Each pass (`run_once`):
 Crash recovery is the same code: a restarted worker finds the closing round, loads the checkpoint,
 folds what is left and publishes. Publishing is idempotent: a version folder left behind by a
 crash before its database row was written is removed and written again from the same inputs.
+
+A differentially private round (aggregator/dp.py) is released with noise from a seed committed to
+the database before the draw and deleted in the transaction that records the version, so a crash
+anywhere in between republishes the same noise, never a second draw.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 
 from aggregator import db
+from aggregator.adaptive_clipping import next_clip_norm, unclipped_fraction
+from aggregator.dp import COUNT_NOISE, UPDATE_NOISE, new_noise_seed, noise_generator
 from aggregator.fedavg import ADAM_STEP, ServerStep, adam_step, server_step
 from aggregator.folding import Folder, FolderLock
 from aggregator.model_store import ModelStore
@@ -31,6 +39,10 @@ from aggregator.publish import publish_version
 from aggregator.rounds import ABANDONED, CLOSED, CLOSING, OPEN, RoundRecord, deadline_outcome, round_settings
 
 log = logging.getLogger(__name__)
+
+# Test hook, for the crash test only: with this variable set to 1, the server SIGKILLs its own
+# process group right after drawing a private round's noise, before publishing it.
+CRASH_AFTER_NOISE = "FEDKB_TEST_CRASH_AFTER_NOISE"
 
 
 class Worker:
@@ -145,10 +157,12 @@ class Worker:
                 return existing
             version = db.latest_version(conn)
             manifest = self.store.manifest(version)
-            settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now)
+            settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now,
+                                      previous=db.last_closed_round(conn))
             round_id = db.insert_round(conn, settings)
         log.info("round opened", extra={"round_id": round_id, "model_version": version,
-                                        "goal_clients": self.config.goal_clients})
+                                        "goal_clients": self.config.goal_clients, "clip_norm": settings["clip_norm"],
+                                        "dp_noise_multiplier": settings.get("dp_noise_multiplier")})
         return db.get_round(conn, round_id)
 
     def _close(self, conn, round_: RoundRecord) -> None:
@@ -156,8 +170,12 @@ class Worker:
         current = self.folder.current(round_.id)
         parent = round_.model_version
 
-        # Server computation: w ← w + η·(β·v + Δ̄).
-        mean_delta = current.total.mean()
+        # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.
+        privacy = {}
+        if round_.dp_enabled:
+            mean_delta, privacy = self._private_release(conn, round_, current)
+        else:
+            mean_delta = current.total.mean()
         step = self._server_step(parent, mean_delta)
         aggregate_seconds = self.folder.fold_seconds + (time.perf_counter() - start)
 
@@ -181,7 +199,9 @@ class Worker:
             db.update_round(conn, round_.id, state=CLOSED, closed_at=now, published_version=new_version,
                             folded=current.total.count, total_examples=current.total.total_examples,
                             aggregate_seconds=aggregate_seconds, publish_seconds=publish_seconds,
-                            outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached")
+                            outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached", **privacy)
+            # Released: the seed has done its work, and with it the noise could be subtracted.
+            db.forget_noise_seed(conn, round_.id)
         self.folder.discard(round_.id)
         log.info("round closed", extra={"round_id": round_.id, "new_version": new_version,
                                         "clients": current.total.count, "examples": current.total.total_examples,
@@ -189,6 +209,31 @@ class Worker:
                                         "publish_seconds": round(publish_seconds, 4)})
         self._notify(db.get_round(conn, round_.id), CLOSED, publish_seconds)
         self._open_round(conn, now)
+
+    def _private_release(self, conn, round_: RoundRecord, current) -> tuple[dict, dict]:
+        """The round's noised mean delta, and (adaptive clipping) the next clip norm's columns.
+
+        The seed is committed (synchronous=FULL) before any noise is drawn, and a seed already
+        recorded for the round (a crash came between an earlier draw and the publication) is
+        reused: whatever happens, the round is released with one noise draw only.
+        """
+        with db.transaction(conn):
+            seed = db.keep_noise_seed(conn, round_.id, new_noise_seed())
+        mean_delta = current.clipped.release(noise_generator(seed, UPDATE_NOISE))
+        columns = {}
+        if self.config.dp_adaptive_clipping:
+            fraction = unclipped_fraction(current.unclipped, current.total.count, expected=round_.dp_denominator,
+                                          stddev=round_.dp_clipped_count_stddev or 0.0,
+                                          rng=noise_generator(seed, COUNT_NOISE))
+            columns = {"dp_unclipped_fraction": fraction,
+                       "dp_next_clip_norm": next_clip_norm(round_.clip_norm, fraction,
+                                                           target_quantile=self.config.dp_target_quantile,
+                                                           learning_rate=self.config.dp_clip_learning_rate)}
+        if os.environ.get(CRASH_AFTER_NOISE) == "1":
+            # Test hook (tests/test_dp_crash.py): die like a power cut between the draw and the publication.
+            log.warning("test hook %s: killing the server after drawing the noise", CRASH_AFTER_NOISE)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return mean_delta, columns
 
     @property
     def _keeps_optimizer_state(self) -> bool:

@@ -100,10 +100,11 @@ class TrainingConfig:
 
     @property
     def resolved_clipped_count_stddev(self) -> float:
-        """sigma_b: as set, else goal / 20 (TFF's `gaussian_adaptive` default, 0.05 x clients per round)."""
+        """sigma_b: as set, else goal / 20 (TFF's `gaussian_adaptive` default, 0.05 x clients per
+        round), and 0 when Z is 0 (as TFF's: no noise anywhere)."""
         if self.dp_clipped_count_stddev is not None:
             return self.dp_clipped_count_stddev
-        return 0.05 * self.goal_clients
+        return 0.0 if self.dp_noise_multiplier == 0 else 0.05 * self.goal_clients
 
     @property
     def resolved_delta(self) -> float | None:
