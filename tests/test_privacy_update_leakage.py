@@ -55,11 +55,12 @@ def upload(shakespeare_edge_model, tmp_path_factory):
         server.stop()
     update = decode_update(body, list(load_manifest(shakespeare_edge_model).weights))
     tokenizer = load_tokenizer(shakespeare_edge_model / TOKENIZER_FILE)
-    return update.deltas["embedding"], typed_ids(tokenizer, PRIVATE_MESSAGES), tokenizer
+    print(f"upload: update norm {update.metadata.update_norm:.3f} before clipping to {update.metadata.clip_norm}")
+    return update.deltas["embedding"], typed_ids(tokenizer, PRIVATE_MESSAGES), tokenizer, update.metadata.clip_norm
 
 
 def test_one_upload_is_a_bag_of_its_users_words(upload):
-    delta, typed, tokenizer = upload
+    delta, typed, tokenizer, _ = upload
     vocab = delta.shape[0]
     recoveries = embedding_row_attack(delta, typed, ks=(len(typed), 40, 86))
     for r in recoveries:
@@ -88,3 +89,28 @@ def test_the_attack_ranks_rows_by_their_change():
     assert RowRecovery(k=2, hits=2, typed=2, vocab=4).random_tail == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="typed ids"):
         embedding_row_attack(delta, {10}, ks=(2,))
+
+
+NOISE_MULTIPLIERS = (0.0, 0.0003, 0.001, 0.003, 0.01, 0.3, 1.0)
+
+
+def test_what_gaussian_noise_of_multiplier_z_leaves_to_the_attack(upload):
+    """The strongest adversary DP is defined against knows every other device's update, so from a
+    DP-FedAvg release it gets this device's clipped Δ plus N(0, (Z·C)²) per coordinate. The noise
+    is drawn here, in numpy, on the real upload (the server's DP mode draws the same distribution);
+    the recovery is averaged over draws. A weak attack failing is not privacy: ε is the bound on
+    every attack, and Z = 0.003 gives no meaningful ε even where this attack is near chance."""
+    delta, typed, _, clip_norm = upload
+    rng = np.random.default_rng(0)
+    k = len(typed)
+    print(f"embedding rows carry {np.linalg.norm(delta) / clip_norm:.1%} of C; top {k} rows of {delta.shape[0]}:")
+    tails = {}
+    for z in NOISE_MULTIPLIERS:
+        draws = [embedding_row_attack(delta + rng.normal(scale=z * clip_norm, size=delta.shape), typed, ks=(k,))[0]
+                 for _ in range(1 if z == 0 else 20)]
+        tails[z] = float(np.median([r.random_tail for r in draws]))
+        print(f"  Z = {z:<6} recovered {np.mean([r.fraction for r in draws]):.1%} (random {draws[0].random_fraction:.1%}; "
+              f"median P[random ≥ this] = {tails[z]:.1e})")
+    assert tails[0.0] < 1e-9  # no noise: the bag of words
+    # At the smallest noise multiplier a DP deployment would use, the attack does no better than chance.
+    assert tails[0.3] > 1e-3 and tails[1.0] > 1e-3, tails
