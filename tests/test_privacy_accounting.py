@@ -24,9 +24,16 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 from fedkb_core import privacy_accounting as pa
 
+_TFP_LOADED = "tensorflow_privacy" in sys.modules
 sys.skip_tf_privacy_import = True  # tensorflow_privacy's analysis modules, without TensorFlow
 from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib as tfp_sgd  # noqa: E402
 from tensorflow_privacy.privacy.analysis import tree_aggregation_accountant as tfp_tree  # noqa: E402
+
+# The flag leaves an empty `tensorflow_privacy` package behind; forget it, so a later test's
+# `import tensorflow_federated` (which needs the whole package) imports it for real.
+del sys.skip_tf_privacy_import
+if not _TFP_LOADED:
+    del sys.modules["tensorflow_privacy"]
 
 # (expected cohort, population): fedkb's Shakespeare fleet at 20 and 100 per round, and Gboard's scale.
 COHORTS = [(20, 846), (100, 846), (1000, 10 ** 6)]
