@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from aggregator.adaptive_clipping import update_noise_multiplier
 from fedkb_core.protocol import CheckinResponse, RoundTask
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
@@ -97,8 +98,6 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
 
 def privacy_settings(config) -> dict:
     """A DP round's noise columns: Z, the update noise z_delta, sigma_b and the denominator (the goal)."""
-    from aggregator.adaptive_clipping import update_noise_multiplier
-
     z = float(config.dp_noise_multiplier)
     sigma_b = config.resolved_clipped_count_stddev if config.dp_adaptive_clipping else None
     return dict(dp_noise_multiplier=z,
