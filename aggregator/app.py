@@ -28,6 +28,7 @@ from aggregator.headers import add_security_headers
 from aggregator.limits import update_size_limit
 from aggregator.metrics import Metrics
 from aggregator.model_store import ModelStore
+from aggregator.privacy import start_problem
 from aggregator.worker import Worker
 from fedkb_core.manifest import load_manifest
 
@@ -71,7 +72,7 @@ def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Fl
     store = ModelStore(config.state_dir / MODELS_DIR)
     _initialize_state(config, store)
 
-    metrics = Metrics(config.state_dir)
+    metrics = Metrics(config.state_dir, config)
     worker = Worker(config, store)
     app.extensions["fedkb"] = ServerState(config=config, store=store, metrics=metrics, worker=worker,
                                           rng=random.Random(), commits=db.GroupCommit(config.state_dir))
@@ -107,7 +108,8 @@ def prepare_state(config: AggregatorConfig) -> None:
     """Create the state directory, its database and first model version if missing (idempotent).
 
     Raises:
-        ConfigError: the state holds no model and `init_model` is unset.
+        ConfigError: the state holds no model and `init_model` is unset, or its rounds already
+            spent the target ε.
         fedkb_core.manifest.ManifestError: the initial model folder is not a valid export.
     """
     _initialize_state(config, ModelStore(config.state_dir / MODELS_DIR))
@@ -119,6 +121,9 @@ def _initialize_state(config: AggregatorConfig, store: ModelStore) -> None:
     with _init_lock(config.state_dir):
         conn = db.connect(config.state_dir)
         try:
+            problem = start_problem(conn, config)
+            if problem is not None:
+                raise ConfigError(problem)
             latest = db.latest_version(conn)
             if latest is not None:
                 if config.init_model is not None:

@@ -5,7 +5,8 @@ No template engine, no CDN, no inline script or style (the Content-Security-Poli
 `/v1/admin/status` once the operator has pasted the admin token (kept in the tab's
 sessionStorage, sent as a bearer token, never in a URL), and builds every element with DOM calls
 (text nodes, never HTML strings), so no device- or operator-supplied text can become markup.
-Anyone sees the current version, the open round's timing and the version history; the token adds
+Anyone sees the current version, the open round's timing, the version history and, with DP on, the
+ε spent with its δ and sampling assumption and the target ε's verdict; the token adds
 round progress, the update norms chart against the clip norm, rejections, evaluation curves and
 worker errors.
 """

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from aggregator import db
+from aggregator.privacy import privacy_spent
 
 _SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -20,8 +21,9 @@ _SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0
 class _StateCollector:
     """Reads the server's durable counters from SQLite on every scrape."""
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, config=None):
         self.state_dir = state_dir
+        self.config = config
 
     def describe(self):
         return []  # do not scrape at registration time
@@ -34,6 +36,7 @@ class _StateCollector:
             active = db.active_round(conn)
             version = db.latest_version(conn)
             finished = conn.execute("SELECT aggregate_seconds, publish_seconds FROM rounds WHERE state = 'closed'").fetchall()
+            spent = privacy_spent(conn, self.config) if self.config is not None else None
         finally:
             conn.close()
 
@@ -60,6 +63,14 @@ class _StateCollector:
                                     ("fedkb_publish_seconds", 1, "Time from round close to the new version published")):
             values = [r[column] for r in finished if r[column] is not None]
             yield _histogram(name, help_, values)
+        if spent is not None:  # +Inf when nothing bounds it (a round released without noise, Z = 0)
+            yield GaugeMetricFamily("fedkb_privacy_epsilon", "Epsilon spent so far at fedkb_privacy_delta, "
+                                    "assuming Poisson sampling of devices (see /v1/status privacy.spent.sampling)",
+                                    value=spent.epsilon)
+            yield GaugeMetricFamily("fedkb_privacy_epsilon_without_amplification",
+                                    "Epsilon spent so far without amplification by sampling",
+                                    value=spent.epsilon_without_amplification)
+            yield GaugeMetricFamily("fedkb_privacy_delta", "The delta of the epsilon figures", value=spent.delta)
 
 
 def _histogram(name: str, help_: str, values: list[float]) -> HistogramMetricFamily:
@@ -74,9 +85,9 @@ def _histogram(name: str, help_: str, values: list[float]) -> HistogramMetricFam
 class Metrics:
     """The app's registry: durable counters from SQLite plus this process's request latency."""
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, config=None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_StateCollector(state_dir))
+        self.registry.register(_StateCollector(state_dir, config))
         self.request_seconds = Histogram("fedkb_request_seconds", "Request latency in this process",
                                          ["endpoint"], registry=self.registry,
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))

@@ -35,6 +35,7 @@ from aggregator.dp import COUNT_NOISE, UPDATE_NOISE, new_noise_seed, noise_gener
 from aggregator.fedavg import ADAM_STEP, ServerStep, adam_step, server_step
 from aggregator.folding import Folder, FolderLock
 from aggregator.model_store import ModelStore
+from aggregator.privacy import budget
 from aggregator.publish import publish_version
 from aggregator.rounds import ABANDONED, CLOSED, CLOSING, OPEN, RoundRecord, deadline_outcome, round_settings
 
@@ -59,6 +60,7 @@ class Worker:
         self._wake = threading.Event()
         self._started_cleanup = False
         self.last_error: str | None = None
+        self._budget_logged = False  # the spent privacy budget is logged once, not every pass
 
     # Thread control.
 
@@ -112,8 +114,7 @@ class Worker:
     def _pass(self, conn, now: float) -> bool:
         round_ = db.active_round(conn)
         if round_ is None:
-            self._open_round(conn, now)
-            return True
+            return self._open_round(conn, now) is not None
 
         # Deadline.
         outcome = deadline_outcome(round_, now)
@@ -150,11 +151,19 @@ class Worker:
                 return True
         return folded > 0
 
-    def _open_round(self, conn, now: float) -> RoundRecord:
+    def _open_round(self, conn, now: float) -> RoundRecord | None:
+        """Open the next round, unless its release would spend more than the target ε (then None)."""
         with db.transaction(conn):
             existing = db.active_round(conn)
             if existing is not None:
                 return existing
+            allowance = budget(conn, self.config)
+            if not allowance.allows_a_round:
+                if not self._budget_logged:
+                    log.warning(allowance.message, extra={"target_epsilon": allowance.target_epsilon,
+                                                          "next_round_epsilon": allowance.next_round_epsilon})
+                    self._budget_logged = True
+                return None
             version = db.latest_version(conn)
             manifest = self.store.manifest(version)
             settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now,

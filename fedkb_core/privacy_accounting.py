@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Mapping
 
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -71,32 +72,49 @@ def default_delta(population: int) -> float:
 
 def rdp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
     """ε at δ of `rounds` Gaussian mechanisms of multiplier Z, each on a Poisson sample at rate q."""
-    if rounds <= 0:
+    return rdp_epsilon_of({(noise_multiplier, sampling_rate): rounds}, delta)
+
+
+def rdp_epsilon_of(releases: Mapping[tuple[float | None, float], int], delta: float) -> float:
+    """ε at δ of a composition: {(Z, q): how many rounds released with them}; Z None or 0 is no bound."""
+    releases = {key: n for key, n in releases.items() if n > 0}
+    if not releases:
         return 0.0
-    if noise_multiplier == 0:
+    if any(not z for z, _ in releases):
         return math.inf
-    event = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling_rate < 1.0:
-        event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
     accountant = rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    for (z, q), count in releases.items():
+        event = dp_accounting.GaussianDpEvent(z)
+        if q < 1.0:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, count))
     return float(accountant.get_epsilon(delta))
 
 
 def dp_fedavg_spent(*, noise_multiplier: float, clip_norm: float, expected_cohort: int, population: int,
                     rounds: int, delta: float | None = None) -> PrivacySpent:
     """ε after `rounds` rounds of DP-FedAvg, amplified by Poisson sampling at q = cohort / N."""
+    return dp_fedavg_spent_over({(noise_multiplier, expected_cohort): rounds}, clip_norm=clip_norm,
+                                population=population, delta=delta, noise_multiplier=noise_multiplier,
+                                expected_cohort=expected_cohort)
+
+
+def dp_fedavg_spent_over(releases: Mapping[tuple[float | None, int], int], *, clip_norm: float, population: int,
+                         noise_multiplier: float, expected_cohort: int, delta: float | None = None) -> PrivacySpent:
+    """ε after the released rounds {(Z, expected cohort): count} (Z None: a round released without
+    noise, which no ε bounds); `noise_multiplier` and `expected_cohort` are the current settings."""
     delta = default_delta(population) if delta is None else delta
+    amplified = {(z, min(1.0, cohort / population)): n for (z, cohort), n in releases.items()}
+    unamplified = {(z, 1.0): n for (z, _), n in releases.items()}
+    epsilon, without = rdp_epsilon_of(amplified, delta), rdp_epsilon_of(unamplified, delta)
     q = min(1.0, expected_cohort / population)
-    epsilon = rdp_epsilon(noise_multiplier, q, rounds, delta)
-    unamplified = rdp_epsilon(noise_multiplier, 1.0, rounds, delta)
     sampling = (f"Poisson sampling: each of N = {population} devices takes part in each round independently with "
                 f"probability q = {expected_cohort}/{population} = {q:.4g} (expected cohort / population). The "
                 f"server does not sample, it takes the devices that check in, so this holds only if their presence "
-                f"is that random; with no amplification (every device in every round) ε = {_fmt(unamplified)}")
+                f"is that random; with no amplification (every device in every round) ε = {_fmt(without)}")
     return PrivacySpent(epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                         mechanism=DP_FEDAVG, accountant=RDP_ACCOUNTANT, sampling=sampling,
-                        epsilon_without_amplification=unamplified, rounds=rounds)
+                        epsilon_without_amplification=without, rounds=sum(releases.values()))
 
 
 # DP-FTRL: zCDP of tree aggregation with a minimum separation between a device's participations.
@@ -239,4 +257,4 @@ def _normal_cdf(x: float) -> float:
 
 
 def _fmt(value: float) -> str:
-    return "unbounded (Z = 0)" if not math.isfinite(value) else f"{value:.4g}"
+    return "unbounded" if not math.isfinite(value) else f"{value:.4g}"

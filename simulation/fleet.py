@@ -282,6 +282,10 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
         bar = tqdm(total=config.rounds, desc="rounds", unit="round", disable=None if progress is None else not progress)
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
+            budget = (server.status().get("privacy") or {}).get("budget") or {}
+            if budget.get("state") == "spent":  # the target epsilon lets no further round open
+                log.warning("round %d: %s", round_number, budget["message"])
+                break
             eligible = [p for p in phones if can_continue(p.device.state.current(), POLICY)]  # awake, charging, Wi-Fi
             selected = _select(eligible, rng.permutation(len(eligible)))
             # Each selected phone runs its job under the edge runtime's scheduler on the simulated
@@ -323,7 +327,7 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                 record = dataclasses.replace(records[-1], round=round_number, clients=0, participation=participation,
                                              bytes_uploaded=uploaded, seconds=round(seconds, 2), sim_time=clock.now,
                                              examples=0, steps=0)
-            records.append(record)
+            records.append(dataclasses.replace(record, privacy=(status.get("privacy") or {}).get("spent")))
             bar.update(1)
             bar.set_postfix(v=version, clients=len(counted), word_ppl=f"{record.eval.word_perplexity:.0f}",
                             top1=f"{record.eval.top1:.3f}")

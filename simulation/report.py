@@ -2,7 +2,10 @@
 
 Keys follow docs/architecture.md: a `rounds` list whose entries have `round`, `model_version`, `clients`
 and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation and bytes.
-Round 0 is the initial model, evaluated before any training.
+Round 0 is the initial model, evaluated before any training. With differential privacy on, each
+round's `privacy` is the server's account after it (`/v1/admin/status` → `privacy.spent`: epsilon,
+delta, noise_multiplier, clip_norm, mechanism, accountant, sampling, epsilon_without_amplification,
+rounds; fedkb_core/privacy_accounting.py), and null without DP.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class RoundRecord:
     sim_time: float = 0.0  # simulated UTC seconds when the round closed
     examples: int = 0  # training windows behind the updates aggregated into this round's model
     steps: int = 0  # training steps (batches) behind them
+    privacy: dict | None = None  # the server's privacy account after this round (`PrivacySpent.as_json`)
 
 
 def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | None = None,

@@ -89,6 +89,7 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
         "top1_before": first.top1,
         "top1_after": last.top1,
         "final_model_version": records[-1].model_version,
+        "privacy": records[-1].privacy,  # the server's account after the last round (null without DP)
     }
     if baseline_metrics:
         summary["top1_fraction_of_baseline"] = last.top1 / baseline_metrics["top1"] if baseline_metrics["top1"] else None

@@ -182,3 +182,26 @@ def test_dashboard_shows_a_round_in_progress_and_escapes_what_it_relays(browser,
     assert browser.execute_script("return sessionStorage.length") == 0
     _assert_nothing_injected(browser)
 
+
+
+def test_dashboard_states_the_privacy_spent_its_assumption_and_the_spent_budget(browser, make_server, weights_model):
+    """DP on, a target ε with room for one round: after it the page says what was spent and why no round opens."""
+    from tests.test_privacy_budget_http import GOAL, N, Z, _dp, _epsilon, _run_round
+
+    srv = make_server(weights_model, **_dp(dp_target_epsilon=(_epsilon(1) + _epsilon(2)) / 2))
+    _run_round(srv.url, 1)
+    spent = status(srv.url)["privacy"]["spent"]
+    browser.get(f"{srv.url}/")
+    _wait(browser, lambda d: d.find_elements("id", "privacy-budget"), "the privacy line")
+    line = _text(browser, "#privacy-epsilon")
+    assert f"ε = {round(spent['epsilon'], 4):g}" in line and "after 1 round " in line and f"noise multiplier {Z:g}" in line
+    assert f"without amplification ε = {round(spent['epsilon_without_amplification'], 4):g}" in line
+    assert "clip" not in line  # the public view has no clip norm
+    assert f"q = {GOAL}/{N}" in _text(browser, "#privacy-assumption")
+    budget = browser.find_element("id", "privacy-budget")
+    assert "privacy budget spent" in budget.text and budget.get_attribute("class") == "bad"
+    assert "No active round." in _text(browser, "#round")
+    _submit_token(browser, ADMIN)
+    _wait(browser, lambda d: _view(d) == "operator", "the operator view")
+    _wait(browser, lambda d: "clip 1" in _text(d, "#privacy-epsilon"), "the operator's privacy line")
+    _assert_nothing_injected(browser)

@@ -190,3 +190,17 @@ def test_rounds_within_a_target_is_the_last_round_at_or_under_it():
         while eps(scan + 1) <= target:
             scan += 1
         assert allowed == scan
+
+
+def test_rounds_released_with_different_settings_compose_and_one_without_noise_has_no_bound():
+    def spent(releases):
+        return pa.dp_fedavg_spent_over(releases, clip_norm=1.0, population=846, noise_multiplier=1.0,
+                                       expected_cohort=20)
+    mixed = spent({(1.0, 20): 10, (2.0, 100): 5})
+    # RDP adds up order by order: the mix lies between its parts and their (looser) ε sum.
+    part_a = pa.rdp_epsilon(1.0, 20 / 846, 10, mixed.delta)
+    part_b = pa.rdp_epsilon(2.0, 100 / 846, 5, mixed.delta)
+    assert max(part_a, part_b) < mixed.epsilon < part_a + part_b
+    assert mixed.rounds == 15
+    assert spent({(1.0, 20): 10, (None, 20): 1}).epsilon == math.inf
+    assert spent({}).epsilon == 0.0

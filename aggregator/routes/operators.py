@@ -2,7 +2,11 @@
 
 What anyone may read (`GET /v1/status`, the page `/` and its files) is what a device or a
 passer-by learns anyway: that the server is up, the current model version (every version's files
-are public downloads), and whether a round is open, for which version, until when. Everything
+are public downloads), whether a round is open, for which version, until when, and with
+differential privacy on the ε spent so far with its δ, mechanism, accountant and sampling
+assumption, and whether the target ε lets another round open (`privacy`, without the clip norm:
+a device's user is owed that figure; it makes the population N and the expected cohort public,
+as the assumption cannot be read without them). Everything
 that describes the fleet or the machine needs the admin bearer token: round progress and device
 counts, per-update norms, rejections by reason, evaluations, the worker's errors, the
 configuration with its paths (`GET /v1/admin/status`), and Prometheus (`GET /metrics`; a
@@ -22,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from aggregator import db
 from aggregator.dashboard import dashboard_html
 from aggregator.errors import Conflict, NotFound
+from aggregator.privacy import privacy_json
 from aggregator.routes import json_body, require_admin, server
 from fedkb_core.protocol import EvaluationRequest
 
@@ -45,14 +50,16 @@ def _uncached(body: dict) -> Response:
     return response
 
 
-def public_status(conn) -> dict:
-    """What `GET /v1/status` shows anyone: liveness, the current version, the open round's timing."""
+def public_status(conn, config) -> dict:
+    """What `GET /v1/status` shows anyone: liveness, the current version, the open round's timing,
+    and with DP on the privacy spent (see the module docstring)."""
     active = db.active_round(conn)
     return {
         "time": time.time(),
         "model_version": db.latest_version(conn),
         "round": {k: getattr(active, k) for k in PUBLIC_ROUND_FIELDS} if active else None,
         "versions": [{k: v[k] for k in PUBLIC_VERSION_FIELDS} for v in db.versions(conn)],
+        "privacy": privacy_json(conn, config, public=True),
     }
 
 
@@ -85,6 +92,7 @@ def operator_status(conn, state) -> dict:
         "rejected_total": db.rejections(conn),
         "totals": db.totals(conn),
         "worker": {"holds_lock": state.worker.lock.held, "last_error": state.worker.last_error},
+        "privacy": privacy_json(conn, state.config),
         "config": state.config.public_json(),
     }
 
@@ -92,7 +100,7 @@ def operator_status(conn, state) -> dict:
 @bp.get("/v1/status")
 def status():
     """The public status (no token): see the module docstring for what it holds and why."""
-    return _uncached(public_status(db.get_db()))
+    return _uncached(public_status(db.get_db(), server().config))
 
 
 @bp.get("/v1/admin/status")

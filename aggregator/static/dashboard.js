@@ -70,6 +70,27 @@ function roundView(s, detailed) {
   $("round").replaceChildren(...out);
 }
 
+// ε spent so far, at which δ, under which assumption, and whether the target ε lets a round open.
+function privacyView(s) {
+  const p = s.privacy, node = $("privacy");
+  node.hidden = !p;
+  if (!p) { node.replaceChildren(); return; }
+  const out = [], spent = p.spent;
+  if (spent) {
+    const eps = (x) => x === null ? "unbounded" : num(x, 4);
+    out.push(el("p", {id: "privacy-epsilon"}, "Privacy: ", el("b", {}, `ε = ${eps(spent.epsilon)}`),
+      ` at δ = ${spent.delta.toExponential(2)} after ${spent.rounds} round${spent.rounds === 1 ? "" : "s"} `
+      + `(${spent.mechanism}, noise multiplier ${num(spent.noise_multiplier)}`
+      + `${"clip_norm" in spent ? `, clip ${num(spent.clip_norm)}` : ""}; `
+      + `without amplification ε = ${eps(spent.epsilon_without_amplification)}).`));
+    out.push(el("p", {id: "privacy-assumption", class: "muted"}, `Assumes: ${spent.sampling}. Accountant: ${spent.accountant}.`));
+  } else out.push(el("p", {class: "bad"}, `Privacy: ${p.unaccounted}`));
+  const b = p.budget;
+  if (b && b.target_epsilon !== null)
+    out.push(el("p", {id: "privacy-budget", class: b.state === "spent" ? "bad" : "ok"}, `Target ε ${num(b.target_epsilon)}: ${b.message}.`));
+  node.replaceChildren(...out);
+}
+
 function detailView(s) {
   const n = s.update_norms;
   chart($("norms"), n ? [{name: `round ${n.round_id}`, color: "#36c", dots: true, points: n.norms.map((v, i) => [i + 1, v])}] : [],
@@ -111,6 +132,7 @@ async function refresh() {
   $("forget-row").hidden = !detailed;
   $("detail").hidden = !detailed;
   roundView(s, detailed);
+  privacyView(s);
   if (detailed) detailView(s);
   versionsView(s, detailed);
   document.body.dataset.view = detailed ? "operator" : "public";
