@@ -13,6 +13,7 @@ its models and says why no round opens (status `privacy.budget`, and one warning
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 
@@ -43,9 +44,17 @@ def _releases(conn) -> Counter:
 
 
 def _spent(releases: Counter, config, clip_norm: float | None = None) -> PrivacySpent:
-    return dp_fedavg_spent_over(releases, clip_norm=clip_norm or config.clip_norm, population=config.dp_population,
-                                noise_multiplier=config.dp_noise_multiplier, expected_cohort=config.goal_clients,
-                                delta=config.dp_delta)
+    return _spent_of(tuple(sorted(releases.items(), key=repr)), clip_norm or config.clip_norm, config.dp_population,
+                     config.dp_noise_multiplier, config.goal_clients, config.dp_delta)
+
+
+@functools.lru_cache(maxsize=64)
+def _spent_of(releases: tuple, clip_norm: float, population: int, noise_multiplier: float, expected_cohort: int,
+              delta: float | None) -> PrivacySpent:
+    """Memoized: an account takes tens of ms, and status is polled (the dashboard, a fleet, Prometheus)
+    far more often than a round closes."""
+    return dp_fedavg_spent_over(dict(releases), clip_norm=clip_norm, population=population,
+                                noise_multiplier=noise_multiplier, expected_cohort=expected_cohort, delta=delta)
 
 
 def accounted(config) -> bool:
