@@ -10,8 +10,12 @@ vocabulary size. docs/privacy.md cites the figure.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import numpy as np
 import pytest
+import requests
 
 from datasets.tokenizer import load_tokenizer
 from edge_runtime.client import RetryPolicy, ServerClient
@@ -20,7 +24,7 @@ from edge_runtime.device_state import ScriptedDeviceState
 from fedkb_core.manifest import TOKENIZER_FILE, load_manifest
 from fedkb_core.wire import decode_update
 from simulation.attacks import RowRecovery, embedding_row_attack, rows_by_change
-from tests.fixtures_aggregator import SECRET, ServeProcess
+from tests.fixtures_aggregator import SECRET, ServeProcess, wait_for
 from tests.fixtures_edge import PRIVATE_MESSAGES, RecordingProxy, shakespeare_edge_model, state  # noqa: F401
 
 FIRST_REGULAR_ID = 4  # pad, unk, bos, eos come first: not typed
@@ -30,12 +34,12 @@ def typed_ids(tokenizer, messages: list[str]) -> set[int]:
     return {t for ids in tokenizer.encode(messages, out_type=int) for t in ids if t >= FIRST_REGULAR_ID}
 
 
-@pytest.fixture(scope="module")
-def upload(shakespeare_edge_model, tmp_path_factory):
-    """(the embedding delta one device uploaded, as decoded from the recorded bytes; its typed ids; tokenizer)."""
-    root = tmp_path_factory.mktemp("update_leakage")
-    server = ServeProcess(root / "state", shakespeare_edge_model, "--min-clients", "1", "--goal-clients", "1",
-                          "--round-timeout", "600", log=root / "serve.log")
+@contextlib.contextmanager
+def one_device_round(model: Path, root: Path, *serve_args: str):
+    """A real `fedkb serve` whose round closes on one update, and one device that has uploaded it
+    through a recording relay: yields (device, the upload's bytes as sent, server)."""
+    server = ServeProcess(root / "state", model, "--min-clients", "1", "--goal-clients", "1", "--round-timeout", "600",
+                          *serve_args, log=root / "serve.log")
     recorder = RecordingProxy(server.url)
     text = root / "typed.txt"
     text.write_text("\n".join(PRIVATE_MESSAGES) + "\n")
@@ -49,10 +53,19 @@ def upload(shakespeare_edge_model, tmp_path_factory):
         report = device.run_once()
         assert report.action == "accepted", report
         (body,) = [r.body for r in recorder.requests() if r.method == "POST" and r.path.endswith("/updates")]
+        yield device, body, server
     finally:
         device.close()
         recorder.stop()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def upload(shakespeare_edge_model, tmp_path_factory):
+    """(the embedding delta one device uploaded, as decoded from the recorded bytes; its typed ids;
+    the tokenizer; the clip norm)."""
+    with one_device_round(shakespeare_edge_model, tmp_path_factory.mktemp("update_leakage")) as (_, body, _):
+        pass
     update = decode_update(body, list(load_manifest(shakespeare_edge_model).weights))
     tokenizer = load_tokenizer(shakespeare_edge_model / TOKENIZER_FILE)
     print(f"upload: update norm {update.metadata.update_norm:.3f} before clipping to {update.metadata.clip_norm}")
@@ -97,8 +110,9 @@ NOISE_MULTIPLIERS = (0.0, 0.0003, 0.001, 0.003, 0.01, 0.3, 1.0)
 def test_what_gaussian_noise_of_multiplier_z_leaves_to_the_attack(upload):
     """The strongest adversary DP is defined against knows every other device's update, so from a
     DP-FedAvg release it gets this device's clipped Δ plus N(0, (Z·C)²) per coordinate. The noise
-    is drawn here, in numpy, on the real upload (the server's DP mode draws the same distribution);
-    the recovery is averaged over draws. A weak attack failing is not privacy: ε is the bound on
+    is drawn here, in numpy, on the real upload, so that many Z and draws cost milliseconds (the
+    server's DP mode draws the same distribution; the test below attacks a real release); the
+    recovery is averaged over draws. A weak attack failing is not privacy: ε is the bound on
     every attack, and Z = 0.003 gives no meaningful ε even where this attack is near chance."""
     delta, typed, _, clip_norm = upload
     rng = np.random.default_rng(0)
@@ -114,3 +128,30 @@ def test_what_gaussian_noise_of_multiplier_z_leaves_to_the_attack(upload):
     assert tails[0.0] < 1e-9  # no noise: the bag of words
     # At the smallest noise multiplier a DP deployment would use, the attack does no better than chance.
     assert tails[0.3] > 1e-3 and tails[1.0] > 1e-3, tails
+
+
+@pytest.mark.parametrize("z", [0.0, 0.3])
+def test_the_attack_on_what_a_dp_fedavg_server_publishes(shakespeare_edge_model, tmp_path, z):
+    """The downloader's view: a real `fedkb serve --dp-noise-multiplier Z` closes a round on one
+    device's update and publishes version 2; the attack runs on version 2 − version 1 as a device
+    downloads them (server SGD at rate 1, so the release is the noised, clipped mean itself). With
+    Z = 0 that is the bag of words; at Z = 0.3 the attack is at chance."""
+    flags = ("--dp-noise-multiplier", str(z), "--dp-population", "846", "--server-optimizer", "sgd",
+             "--server-lr", "1.0")
+    with one_device_round(shakespeare_edge_model, tmp_path, *flags) as (device, _, server):
+        wait_for(lambda: requests.get(f"{server.url}/v1/status", timeout=5).json()["model_version"] == 2,
+                 what="version 2 published")
+        device.models.fetch(device.client, 2, activate=True)
+        released = {}
+        for version in (1, 2):
+            _, weights = device.trainables.load(device.models.version_dir(version))
+            released[version] = np.array(weights["embedding"], dtype=np.float64)
+    tokenizer = load_tokenizer(shakespeare_edge_model / TOKENIZER_FILE)
+    typed = typed_ids(tokenizer, PRIVATE_MESSAGES)
+    (r,) = embedding_row_attack(released[2] - released[1], typed, ks=(len(typed),))
+    print(f"Z = {z}: the published version's top {r.k} rows hold {r.hits}/{r.typed} typed ids ({r.fraction:.1%}; "
+          f"random {r.random_fraction:.1%}; P[random ≥ this] = {r.random_tail:.1e})")
+    if z == 0:
+        assert r.random_tail < 1e-9, r
+    else:  # one draw: a ranking at chance falls below 1e-6 with probability at most 1e-6
+        assert r.random_tail > 1e-6, r
