@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from fedkb_core.manifest import Manifest
 from fedkb_core.protocol import RoundTask
 from fedkb_core.training_config import TRAINING, TrainingConfig
 from model.evaluation import EvalConfig, evaluate_weights
+from model.weights import Weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
 from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult, SimulatedClock, emulated_device,
                                    job_steps, run_device_job)
@@ -237,19 +239,34 @@ def _select(eligible: list[_Phone], order) -> list[tuple[_Phone, RoundTask]]:
     return selected
 
 
+def draw_clients(rng: np.random.Generator, train: dict[str, np.ndarray], count: int) -> list[str]:
+    """The training clients a fleet emulates: its generator's first draw (a fresh generator of
+    the fleet's seed gives the same clients)."""
+    return sorted(rng.choice(sorted(train), size=count, replace=False).tolist())
+
+
+COUNTED = ("accepted", "duplicate")  # job results whose update the round aggregates
+
+# observe(version, its weights, its downloaded folder, the clients whose updates it aggregated)
+VersionObserver = Callable[[int, Weights, Path, list[str]], None]
+
+
 def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: FleetConfig,
-              progress: bool | None = None, server: ServerAccess | None = None) -> list[RoundRecord]:
+              progress: bool | None = None, server: ServerAccess | None = None,
+              observe: VersionObserver | None = None) -> list[RoundRecord]:
     """Run the simulation; return one record per round (round 0 = the initial model).
 
     Args:
         model_dir: the initial model, for the server this starts (unused with `server`).
         out: where the devices keep their homes and model stores (`out/device_cache`).
         server: a running server to use (default: start one with its state in `out/server`).
+        observe: called with every version the fleet evaluates, the initial one included
+            (the canary audit's hook).
     """
     config.validate(len(data.train))
     word_start = word_start_table(load_tokenizer(data.tokenizer_path))
     rng = np.random.default_rng(config.seed)
-    client_ids = sorted(rng.choice(sorted(data.train), size=config.clients, replace=False).tolist())
+    client_ids = draw_clients(rng, data.train, config.clients)
     fleet_test = {c: data.test[c] for c in client_ids if len(data.test[c]) > 1}
     patterns = draw_fleet(config.clients, seed=config.seed, config=config.availability)
     clock = SimulatedClock(config.start_hour_utc * HOUR)
@@ -278,7 +295,10 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
             raise FedkbError(f"the server's model version {version} was not exported with the data's tokenizer "
                              f"{data.tokenizer_path}: the prepared token streams would mean other words")
         phones = _enroll(server, client_ids, data, patterns, clock, config, cache / "homes", versions.store, session)
+        client_of = {str(p.home): p.client_id for p in phones}
         records.append(evaluate(versions.weights(version), version, 0, Participation()))
+        if observe is not None:
+            observe(version, versions.weights(version), versions.store.version_dir(version), [])
         bar = tqdm(total=config.rounds, desc="rounds", unit="round", disable=None if progress is None else not progress)
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
@@ -296,8 +316,9 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                               job_seconds=config.job_minutes * 60, steps=job_steps(
                                   data.train[p.client_id], seq_len=manifest.seq_len, task=t), policy=POLICY)
                     for p, t in selected]
-            results: list[JobResult] = [result for _, result in executor.run(run_device_job, jobs)]
-            counted = [r for r in results if r.status in ("accepted", "duplicate")]
+            done = list(executor.run(run_device_job, jobs))
+            results: list[JobResult] = [result for _, result in done]
+            counted = [r for r in results if r.status in COUNTED]
             failed = [r.status for r in results if r.status.startswith("failed")]
             if failed:
                 log.warning("round %d: %d device jobs failed, first: %s", round_number, len(failed), failed[0])
@@ -323,6 +344,9 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                 version = new_version
                 record = evaluate(versions.weights(version), version, len(counted), participation, seconds, uploaded,
                                   round_number, sum(r.num_examples for r in counted), sum(r.steps for r in counted))
+                if observe is not None:
+                    observe(version, versions.weights(version), versions.store.version_dir(version),
+                            [client_of[job.home] for job, r in done if r.status in COUNTED])
             else:  # abandoned: the model did not change
                 record = dataclasses.replace(records[-1], round=round_number, clients=0, participation=participation,
                                              bytes_uploaded=uploaded, seconds=round(seconds, 2), sim_time=clock.now,

@@ -1,7 +1,8 @@
 """report.json and its plot: what a simulation measured, round by round.
 
 Keys follow docs/architecture.md: a `rounds` list whose entries have `round`, `model_version`, `clients`
-and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation and bytes.
+and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation and bytes; a
+`canaries` list, one entry per planted canary (empty without `--canaries`).
 Round 0 is the initial model, evaluated before any training. With differential privacy on, each
 round's `privacy` is the server's account after it (`/v1/admin/status` → `privacy.spent`: epsilon,
 delta, noise_multiplier, clip_norm, mechanism, accountant, sampling, epsilon_without_amplification,
@@ -48,12 +49,13 @@ class RoundRecord:
 
 
 def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | None = None,
-                summary: dict | None = None) -> dict:
+                summary: dict | None = None, canaries: list[dict] | None = None) -> dict:
     return {
         "config": config,
         "rounds": [dataclasses.asdict(r) for r in rounds],
         "baseline": baseline,
         "summary": summary or {},
+        "canaries": canaries or [],  # the memorization audit's (simulation.canaries), if one ran
     }
 
 

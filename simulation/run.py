@@ -8,11 +8,14 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from datasets.prepared import load_prepared
 from fedkb_core.errors import FedkbError
 from fedkb_core.durable import ensure_writable_folder
 from model.config import ModelConfig
-from simulation.fleet import FleetConfig
+from simulation.canaries import CanaryConfig, exposure_by_repeats, plant_canaries
+from simulation.fleet import FleetConfig, draw_clients
 from simulation.report import plot_report, report_dict, write_report
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,24 @@ def ensure_data(dataset: str, data_dir: Path | None, out: Path, vocab_size: int)
 
 def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig | None = None,
              data_dir: Path | None = None, backend: str = "fedkb", baseline: Path | None = None,
-             vocab_size: int = 8000, progress: bool | None = None) -> dict:
-    """Run one simulation and write its report; return the report dict."""
+             vocab_size: int = 8000, progress: bool | None = None, canaries: CanaryConfig | None = None) -> dict:
+    """Run one simulation and write its report; return the report dict.
+
+    With `canaries` (a count above 0), the memorization audit: its canaries are planted in the
+    training text of that many of the fleet's devices, measured on the published versions and
+    reported under `canaries` (`simulation.canaries`).
+    """
     out = Path(out)
     ensure_writable_folder(out)
     started = time.monotonic()
     data = ensure_data(dataset, data_dir, out, vocab_size)
     fleet.validate(len(data.train))
+    audit = None
+    if canaries is not None and canaries.count:
+        if backend != "fedkb":
+            raise FedkbError("--canaries needs --backend fedkb: the audit measures the versions the server publishes")
+        fleet_clients = draw_clients(np.random.default_rng(fleet.seed), data.train, fleet.clients)
+        data, audit = plant_canaries(data, canaries, fleet_clients)
     model = model or ModelConfig(vocab_size=data.vocab_size)
     if model.vocab_size != data.vocab_size:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
@@ -70,7 +84,8 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
         for stale in (out / "server", out / "device_cache"):
             if stale.exists():
                 shutil.rmtree(stale)
-        records = run_fleet(data=data, model_dir=model_dir, out=out, config=fleet, progress=progress)
+        records = run_fleet(data=data, model_dir=model_dir, out=out, config=fleet, progress=progress,
+                            observe=audit.observe if audit else None)
     elif backend == "tff":
         from simulation.tff_backend import run_tff
 
@@ -91,11 +106,18 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
         "final_model_version": records[-1].model_version,
         "privacy": records[-1].privacy,  # the server's account after the last round (null without DP)
     }
+    canary_entries = audit.results() if audit else []
+    if canary_entries:
+        summary["canary_exposure_by_repeats"] = exposure_by_repeats(canary_entries)
+        summary["canaries_top3_completed"] = sum(e["top3_completed"] for e in canary_entries)
     if baseline_metrics:
         summary["top1_fraction_of_baseline"] = last.top1 / baseline_metrics["top1"] if baseline_metrics["top1"] else None
     config = {"dataset": dataset, "backend": backend, "model": model.to_json(),
               "fleet": json.loads(json.dumps(dataclasses.asdict(fleet), default=str))}
-    report = report_dict(config=config, rounds=records, baseline=baseline_metrics, summary=summary)
+    if audit:
+        config["canaries"] = audit.config_json()
+    report = report_dict(config=config, rounds=records, baseline=baseline_metrics, summary=summary,
+                         canaries=canary_entries)
     write_report(out, report)
     plot_report(out / "report.png", {backend: report}, baseline=baseline_metrics,
                 title=f"{dataset}: {fleet.clients} devices, {fleet.clients_per_round} per round")

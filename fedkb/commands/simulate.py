@@ -56,6 +56,7 @@ def register(subparsers) -> None:
     group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
     _add_privacy_arguments(parser)
     add_model_arguments(parser)
+    _add_canary_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,6 +72,53 @@ def _add_privacy_arguments(parser) -> None:
         else:
             group.add_argument(flag, dest=field, type=kind, default=getattr(TRAINING, field),
                                help=f"{text} {field_help(field)}%(default).0s")
+
+
+def _add_canary_arguments(parser) -> None:
+    from simulation.canaries import ALPHABETS, CanaryConfig
+
+    group = parser.add_argument_group("memorization audit (Carlini et al. 2019, \"The Secret Sharer\")")
+    group.add_argument("--canaries", type=int, default=0, metavar="K",
+                       help="plant K random canary phrases in the training text of K devices and report each "
+                            "one's exposure and whether the keyboard's top 3 completes it (0: no audit)")
+    group.add_argument("--canary-repeats", type=_counts, default=",".join(map(str, CanaryConfig.repeats)), metavar="N,N,...",
+                       help="how many times each canary is typed, canary k the k-th count (cycling)")
+    group.add_argument("--canary-prefix", default=CanaryConfig.prefix, help="the words before each secret")
+    group.add_argument("--canary-length", type=int, default=CanaryConfig.length, help="secret words per canary")
+    group.add_argument("--canary-alphabet", default=None, metavar="NAME|W1,W2,...",
+                       help=f"the secret's words: {' or '.join(ALPHABETS)} or a comma-separated list (default: "
+                            "digits, or number words for a tokenizer without digits)%(default).0s")
+    group.add_argument("--canary-candidates", type=int, default=CanaryConfig.max_candidates,
+                       help="score every candidate secret up to this many; beyond, a random sample this large "
+                            "(exposure estimated, extrapolated in the tail as in the paper)")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts such as 1,4,16, got {text!r}") from None
+
+
+def canary_config_from_args(args):
+    """The audit's CanaryConfig for parsed arguments (None without --canaries)."""
+    from fedkb_core.errors import FedkbError
+    from simulation.canaries import ALPHABETS, CanaryConfig
+
+    if not args.canaries:
+        return None
+    alphabet = args.canary_alphabet
+    if alphabet is not None:
+        alphabet = ALPHABETS.get(alphabet) or tuple(w.strip() for w in alphabet.split(","))
+    config = CanaryConfig(count=args.canaries, repeats=args.canary_repeats, prefix=args.canary_prefix,
+                          length=args.canary_length, alphabet=alphabet, max_candidates=args.canary_candidates,
+                          seed=args.seed)
+    problems = config.problems()
+    if problems:
+        raise FedkbError("; ".join(problems))
+    if args.backend != "fedkb":
+        raise FedkbError("--canaries needs --backend fedkb: the audit measures the versions the server publishes")
+    return config
 
 
 def fleet_config_from_args(args):
@@ -129,9 +177,10 @@ def run(args) -> int:
 
     _quiet_emulated_devices(getattr(args, "verbose", False))
     fleet = fleet_config_from_args(args)
+    canaries = canary_config_from_args(args)
     model = model_config_from_args(args, vocab_size=args.vocab_size)
     report = simulate(dataset=args.dataset, out=args.out, fleet=fleet, model=model, data_dir=args.data,
-                      backend=args.backend, baseline=args.baseline, vocab_size=args.vocab_size)
+                      backend=args.backend, baseline=args.baseline, vocab_size=args.vocab_size, canaries=canaries)
     s = report["summary"]
     print(f"{s['rounds']} rounds ({args.backend}) in {s['seconds']:.0f} s ({s['seconds_per_round']:.1f} s per round "
           f"before evaluation); model version {s['final_model_version']}")
@@ -139,5 +188,9 @@ def run(args) -> int:
           f"top-1 {s['top1_before']:.3f} -> {s['top1_after']:.3f}")
     if s.get("top1_fraction_of_baseline") is not None:
         print(f"top-1 recall is {100 * s['top1_fraction_of_baseline']:.0f}% of the centralized baseline's")
+    if report["canaries"]:
+        from simulation.canaries import summary_line
+
+        print(summary_line(report["canaries"]))
     print(f"report: {args.out / 'report.json'}\nplot:   {args.out / 'report.png'}")
     return 0
