@@ -115,12 +115,12 @@ def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices
     assert written["canaries"] == entries and written["config"]["canaries"]["alphabet"] == list("01234567")
 
 
-def test_simulate_prints_the_canary_summary_and_reports_every_canary(tiny_data, tmp_path):
-    out = tmp_path / "run"
+def test_simulate_prints_the_canary_summary_and_reports_every_canary_with_dp_on_as_well(tiny_data, tmp_path):
+    out = tmp_path / "run"  # the audit is independent of the --dp-* settings
     result = _simulate(["simulate", "--data", str(tiny_data), "--out", str(out), "--clients", "4",
                         "--clients-per-round", "2", "--rounds", "2", "--workers", "1", "--round-hours", "0.5",
                         "--canaries", "3", "--canary-repeats", "2,5", "--canary-alphabet", "0,1,2,3,4,5,6,7",
-                        "--canary-length", "3", *TINY_FLAGS], tmp_path)
+                        "--canary-length", "3", "--dp-noise-multiplier", "0.5", *TINY_FLAGS], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
     entries = report["canaries"]
@@ -131,6 +131,7 @@ def test_simulate_prints_the_canary_summary_and_reports_every_canary(tiny_data, 
         assert 1 <= e["rank"] <= e["candidates"] and 0 <= e["exposure"] <= np.log2(e["candidates"]) + 1e-9
         assert isinstance(e["top3_completed"], bool) and 0 <= e["top3_words"] <= 3
     assert report["config"]["canaries"]["repeats"] == [2, 5] and report["config"]["canaries"]["seed"] == 0
+    assert report["config"]["fleet"]["dp_noise_multiplier"] == 0.5
     line = re.search(r"^canaries: mean exposure by repeats 2x \d+\.\d, 5x \d+\.\d bits \(at most 9\.0, 510 "
                      r"candidates\); top-3 completed \d of 3$", result.stdout, re.M)
     assert line, result.stdout
