@@ -54,6 +54,14 @@ class TrainingConfig:
     dp_target_quantile: float = 0.5
     dp_clip_learning_rate: float = 0.2
     dp_clipped_count_stddev: float | None = None
+    # The mechanism: "fedavg" (independent noise per round) or "ftrl": DP-FTRL (Kairouz et al., 2021),
+    # tree-aggregation noise on the prefix sums of the rounds' clipped sums and FTRL with momentum
+    # on the server (server_optimizer sgd: server_lr and server_momentum). The tree restarts every
+    # dp_tree_restart_period releases (None: never); a device contributes to two releases only
+    # with at least dp_min_separation other releases in between (enforced at check-in).
+    dp_mechanism: str = "fedavg"
+    dp_min_separation: int = 0
+    dp_tree_restart_period: int | None = None
     # Accounting: the population N (devices that may ever take part), the delta (None: 1 / N**1.1)
     # and a budget: no round opens whose release would push epsilon past dp_target_epsilon.
     dp_population: int | None = None
@@ -144,8 +152,19 @@ class TrainingConfig:
         eps = self.dp_target_epsilon
         if eps is not None and not (finite(eps) and eps > 0):
             problems.append(f"dp_target_epsilon must be a positive number, got {eps}")
+        if self.dp_mechanism not in ("fedavg", "ftrl"):
+            problems.append(f"dp_mechanism must be fedavg or ftrl, got {self.dp_mechanism!r}")
+        if isinstance(self.dp_min_separation, bool) or not isinstance(self.dp_min_separation, int) \
+                or self.dp_min_separation < 0:
+            problems.append(f"dp_min_separation must be an integer >= 0, got {self.dp_min_separation!r}")
+        period = self.dp_tree_restart_period
+        if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
+            problems.append(f"dp_tree_restart_period must be an integer >= 1, got {period!r}")
         if z is None:
             for name, on in (("dp_adaptive_clipping", self.dp_adaptive_clipping),
+                             ("dp_mechanism ftrl", self.dp_mechanism == "ftrl"),
+                             ("dp_min_separation", bool(self.dp_min_separation)),
+                             ("dp_tree_restart_period", period is not None),
                              ("dp_clipped_count_stddev", sigma_b is not None),
                              ("dp_target_epsilon", eps is not None)):
                 if on:
@@ -153,6 +172,18 @@ class TrainingConfig:
             return problems
         if self.goal_clients < 1:
             problems.append(f"differential privacy divides by goal_clients, which must be >= 1, got {self.goal_clients}")
+        if self.dp_mechanism == "ftrl":
+            if self.server_optimizer != "sgd":
+                problems.append("dp_mechanism ftrl is the server's optimizer (FTRL with server_lr and "
+                                f"server_momentum): set server_optimizer sgd, got {self.server_optimizer!r}")
+            if self.dp_adaptive_clipping:
+                problems.append("dp_adaptive_clipping is not supported with dp_mechanism ftrl (the tree's "
+                                "noise is calibrated to one fixed clip_norm)")
+        else:
+            for name, on in (("dp_min_separation", bool(self.dp_min_separation)),
+                             ("dp_tree_restart_period", period is not None)):
+                if on:
+                    problems.append(f"{name} applies to dp_mechanism ftrl only")
         if sigma_b is not None and not self.dp_adaptive_clipping:
             problems.append("dp_clipped_count_stddev applies to dp_adaptive_clipping only")
         if (self.dp_adaptive_clipping and finite(z) and z > 0 and finite(self.resolved_clipped_count_stddev)
@@ -178,6 +209,7 @@ _DERIVED_HELP = {
     "dp_population": "unknown; `fedkb simulate`: --clients",
     "dp_delta": "1 / dp_population**1.1",
     "dp_target_epsilon": "none, no budget",
+    "dp_tree_restart_period": "none, one tree",
 }
 
 

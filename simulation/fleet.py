@@ -82,6 +82,9 @@ class FleetConfig:
     dp_target_quantile: float = TRAINING.dp_target_quantile
     dp_clip_learning_rate: float = TRAINING.dp_clip_learning_rate
     dp_clipped_count_stddev: float | None = TRAINING.dp_clipped_count_stddev
+    dp_mechanism: str = TRAINING.dp_mechanism
+    dp_min_separation: int = TRAINING.dp_min_separation
+    dp_tree_restart_period: int | None = TRAINING.dp_tree_restart_period
     dp_population: int | None = TRAINING.dp_population
     dp_delta: float | None = TRAINING.dp_delta
     dp_target_epsilon: float | None = TRAINING.dp_target_epsilon
