@@ -83,6 +83,10 @@ CREATE TABLE IF NOT EXISTS dp_noise_seeds (
     round_id INTEGER PRIMARY KEY,
     seed TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dp_tree_seeds (
+    tree_index INTEGER PRIMARY KEY,
+    seed TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tasks (
     round_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -457,6 +461,31 @@ def keep_noise_seed(conn, round_id: int, seed: str) -> str:
 
 def forget_noise_seed(conn, round_id: int) -> None:
     conn.execute("DELETE FROM dp_noise_seeds WHERE round_id = ?", (round_id,))
+
+
+# DP-FTRL: one seed per noise tree, kept for the tree's whole life (every release re-derives the
+# noise of the nodes it shares with earlier ones) and forgotten once the tree has restarted.
+
+def keep_tree_seed(conn, tree_index: int, seed: str) -> str:
+    """Record the tree's seed unless one is recorded already; return the one that holds."""
+    conn.execute("INSERT OR IGNORE INTO dp_tree_seeds (tree_index, seed) VALUES (?, ?)", (tree_index, seed))
+    return conn.execute("SELECT seed FROM dp_tree_seeds WHERE tree_index = ?", (tree_index,)).fetchone()["seed"]
+
+
+def forget_tree_seeds_before(conn, tree_index: int) -> None:
+    conn.execute("DELETE FROM dp_tree_seeds WHERE tree_index < ?", (tree_index,))
+
+
+def releases_before(conn, round_id: int) -> int:
+    """How many rounds before this one released a version: the round's release number (abandoned
+    rounds release nothing and do not count)."""
+    return conn.execute("SELECT COUNT(*) FROM rounds WHERE state = 'closed' AND id < ?", (round_id,)).fetchone()[0]
+
+
+def last_contribution(conn, device_id: str) -> int | None:
+    """The id of the last released round whose sum included an update of this device, or None."""
+    return conn.execute("SELECT MAX(r.id) FROM updates u JOIN rounds r ON r.id = u.round_id"
+                        " WHERE u.device_id = ? AND r.state = 'closed'", (device_id,)).fetchone()[0]
 
 
 # Counters saturate at 2^53: exact as a JSON number in any reader (a browser's too), far above

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 
-from aggregator import db
+from aggregator import db, dp_ftrl_release
 from aggregator.adaptive_clipping import next_clip_norm, unclipped_fraction
 from aggregator.dp import COUNT_NOISE, UPDATE_NOISE, new_noise_seed, noise_generator
 from aggregator.fedavg import ADAM_STEP, ServerStep, adam_step, server_step
@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 # Test hook, for the crash test only: with this variable set to 1, the server SIGKILLs its own
 # process group right after drawing a private round's noise, before publishing it.
 CRASH_AFTER_NOISE = "FEDKB_TEST_CRASH_AFTER_NOISE"
+
+
+def _crash_after_noise_if_asked() -> None:
+    if os.environ.get(CRASH_AFTER_NOISE) == "1":
+        # Test hook (tests/test_dp_crash.py): die like a power cut between the draw and the publication.
+        log.warning("test hook %s: killing the server after drawing the noise", CRASH_AFTER_NOISE)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 class Worker:
@@ -180,12 +187,15 @@ class Worker:
         parent = round_.model_version
 
         # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.
-        privacy = {}
-        if round_.dp_enabled:
-            mean_delta, privacy = self._private_release(conn, round_, current)
+        privacy, tree = {}, None
+        if round_.dp_enabled and self.config.dp_mechanism == "ftrl":
+            step, tree = self._ftrl_release(conn, round_, current)
         else:
-            mean_delta = current.total.mean()
-        step = self._server_step(parent, mean_delta)
+            if round_.dp_enabled:
+                mean_delta, privacy = self._private_release(conn, round_, current)
+            else:
+                mean_delta = current.total.mean()
+            step = self._server_step(parent, mean_delta)
         aggregate_seconds = self.folder.fold_seconds + (time.perf_counter() - start)
 
         # Publishing.
@@ -211,6 +221,8 @@ class Worker:
                             outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached", **privacy)
             # Released: the seed has done its work, and with it the noise could be subtracted.
             db.forget_noise_seed(conn, round_.id)
+            if tree is not None:  # DP-FTRL: a finished tree's seed has no further use
+                db.forget_tree_seeds_before(conn, tree.tree_index)
         self.folder.discard(round_.id)
         log.info("round closed", extra={"round_id": round_.id, "new_version": new_version,
                                         "clients": current.total.count, "examples": current.total.total_examples,
@@ -238,15 +250,32 @@ class Worker:
                        "dp_next_clip_norm": next_clip_norm(round_.clip_norm, fraction,
                                                            target_quantile=self.config.dp_target_quantile,
                                                            learning_rate=self.config.dp_clip_learning_rate)}
-        if os.environ.get(CRASH_AFTER_NOISE) == "1":
-            # Test hook (tests/test_dp_crash.py): die like a power cut between the draw and the publication.
-            log.warning("test hook %s: killing the server after drawing the noise", CRASH_AFTER_NOISE)
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+        _crash_after_noise_if_asked()
         return mean_delta, columns
+
+    def _ftrl_release(self, conn, round_: RoundRecord, current):
+        """DP-FTRL (aggregator/dp_ftrl_release.py): the next weights from the parent's state, the
+        round's clipped sum and the tree's seed, committed before any noise is drawn and reused
+        after a crash, so a release is always recomputed with the same noise."""
+        parent, c = round_.model_version, self.config
+        state = self.store.velocity(parent)
+        if state is not None and not dp_ftrl_release.has_state(state):
+            log.warning("dp_mechanism ftrl: the parent version has no DP-FTRL state; starting a first tree")
+            state = None
+        index = dp_ftrl_release.tree_index(state)
+        with db.transaction(conn):
+            seed = db.keep_tree_seed(conn, index, new_noise_seed())
+        weights, ftrl_state, tree = dp_ftrl_release.release(
+            self.store.weights(parent), current.total.weighted_sum, state, int(seed, 16),
+            noise_multiplier=round_.dp_noise_multiplier, clip_norm=round_.clip_norm, denominator=round_.dp_denominator,
+            learning_rate=c.server_lr, momentum=c.server_momentum, restart_period=c.dp_tree_restart_period)
+        _crash_after_noise_if_asked()
+        return ServerStep(weights, ftrl_state), tree
 
     @property
     def _keeps_optimizer_state(self) -> bool:
-        return self.config.server_optimizer == "adam" or self.config.server_momentum > 0.0
+        c = self.config
+        return c.server_optimizer == "adam" or c.server_momentum > 0.0 or (c.dp_enabled and c.dp_mechanism == "ftrl")
 
     def _server_step(self, parent: int, mean_delta) -> ServerStep:
         """w ← the server optimizer's step on Δ̄; its state travels with the version (crash safe)."""

@@ -24,6 +24,7 @@ from flask import Blueprint, jsonify, request
 
 from aggregator import db, rounds
 from aggregator.limits import update_size_limit
+from aggregator.min_separation import MinSeparation
 from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
 from fedkb_core.clipping import global_norm
 from aggregator.folding import write_blob
@@ -55,6 +56,8 @@ def checkin():
             round_, has_task=task is not None and task["reclaimed_at"] is None,
             task_reclaimed=task is not None and task["reclaimed_at"] is not None,
             has_submitted=db.find_update(c, round_.id, device_id) is not None, now=now)
+        if verdict == "assign" and not _separated_enough(c, state.config, round_, device_id):
+            verdict = "min_separation"
         return verdict, None if task is None else task["report_by"]
 
     def assign(c):  # re-decide under the write lock: the last free slot may be gone
@@ -83,6 +86,18 @@ def checkin():
     out = jsonify(to_json(response))
     out.headers["Retry-After"] = str(max(1, round(response.retry_after)))
     return out
+
+
+def _separated_enough(conn, config, round_, device_id: str) -> bool:
+    """DP-FTRL's minimum separation: at least `dp_min_separation` releases between the last release
+    this device contributed to and this round's (aggregator/min_separation.py)."""
+    if not (config.dp_enabled and config.dp_mechanism == "ftrl" and config.dp_min_separation):
+        return True
+    last = db.last_contribution(conn, device_id)
+    if last is None:
+        return True
+    return MinSeparation(config.dp_min_separation).allows([db.releases_before(conn, last)],
+                                                          db.releases_before(conn, round_.id))
 
 
 @bp.post("/v1/rounds/<int:round_id>/updates")
