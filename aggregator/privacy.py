@@ -17,7 +17,7 @@ import functools
 import math
 from collections import Counter
 
-from fedkb_core.privacy_accounting import PrivacySpent, dp_fedavg_spent_over
+from fedkb_core.privacy_accounting import PrivacySpent, dp_fedavg_spent_over, dp_ftrl_spent
 
 OPEN_BUDGET, SPENT_BUDGET = "open", "spent"
 
@@ -44,6 +44,10 @@ def _releases(conn) -> Counter:
 
 
 def _spent(releases: Counter, config, clip_norm: float | None = None) -> PrivacySpent:
+    if config.dp_mechanism == "ftrl":  # one tree stream at the deployment's settings, no sampling assumed
+        noise = 0.0 if any(z is None for z, _ in releases) else config.dp_noise_multiplier  # unnoised: unbounded
+        return _ftrl_spent_of(sum(releases.values()), clip_norm or config.clip_norm, config.dp_population, noise,
+                              config.dp_min_separation, config.dp_delta, config.dp_tree_restart_period)
     return _spent_of(tuple(sorted(releases.items(), key=repr)), clip_norm or config.clip_norm, config.dp_population,
                      config.dp_noise_multiplier, config.goal_clients, config.dp_delta)
 
@@ -55,6 +59,14 @@ def _spent_of(releases: tuple, clip_norm: float, population: int, noise_multipli
     far more often than a round closes."""
     return dp_fedavg_spent_over(dict(releases), clip_norm=clip_norm, population=population,
                                 noise_multiplier=noise_multiplier, expected_cohort=expected_cohort, delta=delta)
+
+
+@functools.lru_cache(maxsize=64)
+def _ftrl_spent_of(rounds: int, clip_norm: float, population: int, noise_multiplier: float, min_separation: int,
+                   delta: float | None, restart_period: int | None) -> PrivacySpent:
+    return dp_ftrl_spent(noise_multiplier=noise_multiplier, clip_norm=clip_norm, rounds=rounds,
+                         min_separation=min_separation, population=population, delta=delta,
+                         restart_period=restart_period)
 
 
 def accounted(config) -> bool:

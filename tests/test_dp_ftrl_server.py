@@ -99,8 +99,11 @@ def test_a_server_restart_mid_stream_publishes_the_uninterrupted_trees_noise(tmp
         assert np.std(noise) > 0.05  # the noise is really there (std 0.35·(momentum terms) per release)
 
 
-def test_min_separation_keeps_a_device_out_of_the_next_release(make_server, weights_model):  # noqa: F811
-    server = make_server(weights_model, dp_noise_multiplier=0.0, dp_min_separation=1,
+def test_min_separation_keeps_a_device_out_of_the_next_release_and_the_account_uses_it(
+        make_server, weights_model):  # noqa: F811
+    from fedkb_core.privacy_accounting import dp_ftrl_spent
+
+    server = make_server(weights_model, dp_noise_multiplier=1.0, dp_min_separation=1, dp_population=10,
                          **{**FTRL, "goal_clients": 1, "min_clients": 1})
     alice, bob = Device(server.url), Device(server.url)
     assert alice.enroll().status_code == 201 and bob.enroll().status_code == 201
@@ -114,6 +117,10 @@ def test_min_separation_keeps_a_device_out_of_the_next_release(make_server, weig
         task = trainer.task()
         assert trainer.upload(task.round_id, trainer.body(task, random_deltas(TINY_SHAPES, version))).status_code == 200
         wait_for(lambda: status(server.url)["model_version"] == version + 1, what=f"version {version + 1}")
+    spent = status(server.url)["privacy"]["spent"]
+    expected = dp_ftrl_spent(noise_multiplier=1.0, clip_norm=1.0, rounds=3, min_separation=1, population=10)
+    assert spent["mechanism"] == "dp-ftrl" and spent["accountant"] == expected.accountant
+    assert spent["epsilon"] == pytest.approx(expected.epsilon) and spent["rounds"] == 3
 
 
 @pytest.mark.parametrize("overrides, message", [
