@@ -101,8 +101,14 @@ class Device:
         return self.http.post(f"{self.url}/v1/checkin", json={"model_version": model_version, "state": state},
                               headers=self.headers)
 
-    def task(self) -> RoundTask:
+    def task(self, wait: float = 10.0) -> RoundTask:
+        """Check in for a task; while no round is open yet (the worker opens one a pass after the
+        server starts or a round closes, later under load), check in again for up to `wait` s."""
+        deadline = time.monotonic() + wait
         r = self.checkin()
+        while r.status_code == 200 and r.json().get("reason") == "no_open_round" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            r = self.checkin()
         assert r.status_code == 200 and r.json()["action"] == "train", r.text
         return RoundTask.from_json(r.json()["task"])
 
