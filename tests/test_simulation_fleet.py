@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +291,41 @@ def test_the_fleet_never_touches_the_servers_state_folder(tiny_model, tiny_data,
         expected = evaluate_weights(weights, data.heldout, word_start_table(load_tokenizer(data.tokenizer_path)),
                                     EvalConfig(max_windows=32, recall_samples=10)).token_perplexity
         assert token_perplexity == pytest.approx(expected, rel=1e-6), version
+
+
+def test_sigterm_stops_the_simulation_with_its_server_and_workers(simulated, tmp_path):
+    """A supervisor's SIGTERM (systemd, a CI timeout, `kill`) must not orphan the `fedkb serve`
+    the simulation started, nor its device worker processes."""
+    import psutil
+
+    out, _ = simulated
+    fedkb = Path(sys.executable).with_name("fedkb")
+    sim = subprocess.Popen([str(fedkb), "simulate", "--data", str(out / "data"), "--out", str(tmp_path / "run"),
+                            "--clients", "8", "--clients-per-round", "3", "--rounds", "500", "--workers", "2",
+                            "--round-hours", "0.5", *TINY_FLAGS], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children: list[psutil.Process] = []
+    try:
+        parent = psutil.Process(sim.pid)
+        deadline = time.monotonic() + 240
+        # Running: the server has started and answered, and the device workers exist.
+        while time.monotonic() < deadline and sim.poll() is None:
+            children = parent.children(recursive=True)
+            serving = [c for c in children if "serve" in c.cmdline()]
+            if serving and len(children) >= 3:  # the server and the pool's spawned workers
+                break
+            time.sleep(0.5)
+        assert sim.poll() is None, sim.stderr.read()
+        assert any("serve" in c.cmdline() for c in children), [c.cmdline() for c in children]
+        time.sleep(3)  # into the rounds
+        children = parent.children(recursive=True)
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(timeout=120) == 130
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:  # a failing run leaves nothing behind either
+        for process in [*children, sim]:
+            try:
+                process.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass

@@ -164,16 +164,15 @@ def run(args) -> int:
 
 
 def _serve_werkzeug(config, host: str, port: int) -> int:
-    import signal
-
     from werkzeug.serving import make_server
 
     from aggregator.app import create_app
     from aggregator.server_errors import JsonErrorRequestHandler
+    from fedkb.signals import stop_on_sigterm_like_ctrl_c
 
     app = create_app(config)
     server = make_server(host, port, app, threaded=True, request_handler=JsonErrorRequestHandler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm_like_ctrl_c()  # the worker thread ends cleanly (kill -9 is safe too)
     print(f"fedkb serve: development server (Werkzeug) on http://{host}:{server.server_port} "
           f"(state {config.state_dir})", flush=True)
     try:
@@ -184,11 +183,6 @@ def _serve_werkzeug(config, host: str, port: int) -> int:
         app.extensions["fedkb"].worker.stop()
         server.server_close()
     return 0
-
-
-def _interrupt(signum, frame):
-    """SIGTERM stops like Ctrl-C, so the worker thread ends cleanly (kill -9 is safe too)."""
-    raise KeyboardInterrupt
 
 
 def gunicorn_settings(config, host: str, port: int, workers: int, threads: int) -> dict:

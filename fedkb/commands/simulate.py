@@ -173,8 +173,10 @@ def _quiet_emulated_devices(verbose: bool) -> None:
 
 
 def run(args) -> int:
+    from fedkb.signals import stop_on_sigterm_like_ctrl_c
     from simulation.run import simulate
 
+    stop_on_sigterm_like_ctrl_c()  # its server and device workers stop with it
     _quiet_emulated_devices(getattr(args, "verbose", False))
     fleet = fleet_config_from_args(args)
     canaries = canary_config_from_args(args)
