@@ -47,14 +47,21 @@ def job_key(task: RoundTask) -> JobKey:
     return JobKey(round_id=task.round_id, model_version=task.model_version, deadline=task.deadline)
 
 
-def select_windows(windows: Windows, max_examples: int, *, seed: int) -> Windows:
-    """At most `max_examples` windows: all of them, or a seeded sample kept in order."""
+def sample_window_indices(count: int, max_examples: int, *, seed: int) -> np.ndarray:
+    """Which of `count` windows a job trains on, in order: all of them, or a seeded sample of
+    `max_examples` (what `select_windows` keeps; the memorization audit asks which windows a job saw)."""
     if max_examples < 1:
         raise ValueError(f"max_examples must be positive, got {max_examples}")
-    if len(windows) <= max_examples:
-        return windows
+    if count <= max_examples:
+        return np.arange(count)
     rng = np.random.default_rng(seed)
-    return windows.take(np.sort(rng.choice(len(windows), max_examples, replace=False)))
+    return np.sort(rng.choice(count, max_examples, replace=False))
+
+
+def select_windows(windows: Windows, max_examples: int, *, seed: int) -> Windows:
+    """At most `max_examples` windows: all of them, or a seeded sample kept in order."""
+    indices = sample_window_indices(len(windows), max_examples, seed=seed)
+    return windows if len(indices) == len(windows) else windows.take(indices)
 
 
 def weight_delta(global_weights: Weights, local_weights: Weights) -> Weights:

@@ -9,6 +9,14 @@ the data's tokenizer as `fedkb data prepare` tokenizes real text (`encode_uttera
 device's training stream only: its test split and the held-out clients are never touched, and the
 emulated phone cuts them into windows like the rest of its text.
 
+The devices are drawn uniformly from the fleet, as any user could be: not the devices that train
+most (that would overstate what a typical user's phrase risks) nor those with the least text. A
+device's daily pattern may keep it from ever training in a short run, and a device with more than
+the task's `max_examples` windows trains on a sample of them, which may miss its canary: the audit
+counts, per canary, the rounds its device trained, the trained windows that held the canary and
+the occurrences trained whole (prefix and secret in one window), and warns of every canary whose
+exposure therefore measures nothing. Size the run so that every canary device trains several times.
+
 What is measured, on the published versions as the fleet downloads them:
 * exposure (`simulation.exposure`) under the final version, by the log-perplexity in bits of the
   secret and the end of the utterance after BOS and the prefix (the prefix's own term is the same
@@ -24,13 +32,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from datasets.prepared import PreparedData
 from datasets.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode_utterances
+from edge_runtime.trainer import sample_window_indices
+from fedkb_core.manifest import load_manifest
+from fedkb_core.protocol import RoundTask
 from fedkb_core.errors import FedkbError
 from simulation.exposure import MAX_SPACE, Exposure, Scorer, measure_exposures, space_size
 
@@ -174,14 +185,38 @@ def plant_canaries(data: PreparedData, config: CanaryConfig, fleet_clients: Sequ
         raise FedkbError(f"--canary-prefix {config.prefix!r}: the tokenizer encodes part of it as <unk>")
     alphabet = resolve_alphabet(config, tokenizer)
     canaries = draw_canaries(config, alphabet, sorted(fleet_clients))
-    audit = CanaryAudit(canaries, config=config, alphabet=alphabet, tokenizer=tokenizer)
+    train = plant(data.train, canaries, tokenizer, seed=config.seed)
+    audit = CanaryAudit(canaries, config=config, alphabet=alphabet, tokenizer=tokenizer,
+                        streams={c.device: train[c.device] for c in canaries})
     for canary in canaries:
         if not np.array_equal(tokenizer.encode(canary.phrase), audit.context[1:] + audit.secret_pieces(canary.secret)):
             raise FedkbError(f"the tokenizer encodes {canary.phrase!r} other than its words one by one")
-    train = plant(data.train, canaries, tokenizer, seed=config.seed)
     log.info("planted %d canaries (%s) in %d devices' training text", len(canaries),
              ", ".join(f"{c.repeats}x" for c in canaries), len(canaries))
     return dataclasses.replace(data, train=train), audit
+
+
+def occurrence_starts(stream: np.ndarray, utterance: np.ndarray) -> np.ndarray:
+    """Where the planted utterance begins in a stream (token offsets of its BOS)."""
+    stream, n = np.asarray(stream), len(utterance)
+    candidates = np.flatnonzero(stream[: len(stream) - n + 1] == utterance[0]) if len(stream) >= n else []
+    return np.array([s for s in candidates if np.array_equal(stream[s : s + n], utterance)], dtype=np.int64)
+
+
+def canary_windows(starts: np.ndarray, length: int, seq_len: int) -> tuple[set[int], set[int]]:
+    """The windows (`datasets.windows.make_windows` of the stream) an occurrence's targets fall in:
+    those holding any of them, and those holding a whole occurrence.
+
+    Window i predicts tokens i·T+1 … (i+1)·T from the ones before, with a fresh LSTM state. An
+    occurrence at s predicts tokens s+1 … s+length−1 after its BOS; it is trained *whole* (the
+    secret learnt after the prefix, in one context) only if all of them fall in one window."""
+    touched, whole = set(), set()
+    for s in starts:
+        first, last = int(s) // seq_len, (int(s) + length - 2) // seq_len
+        touched.update(range(first, last + 1))
+        if first == last:
+            whole.add(first)
+    return touched, whole
 
 
 def model_scorer(weights, context: Sequence[int], words: Sequence[Sequence[int]], *, batch: int = 1024) -> Scorer:
@@ -235,11 +270,22 @@ class CanaryAudit:
 
     `observe` is the fleet's per-version hook; `results` gives the report's `canaries` entries."""
 
-    def __init__(self, canaries: Sequence[Canary], *, config: CanaryConfig, alphabet: Sequence[str], tokenizer):
+    def __init__(self, canaries: Sequence[Canary], *, config: CanaryConfig, alphabet: Sequence[str], tokenizer,
+                 streams: Mapping[str, np.ndarray]):
+        """`streams`: each canary device's training stream, as planted."""
         self.canaries, self.config, self.alphabet = list(canaries), config, tuple(alphabet)
         self.context = [BOS_ID, *tokenizer.encode(config.prefix)]
         self.word_pieces = [list(tokenizer.encode(w)) for w in self.alphabet]
         self._trained = {c.device: 0 for c in self.canaries}
+        self._stream_lengths = {c.device: len(streams[c.device]) for c in self.canaries}
+        self._starts = {c.device: occurrence_starts(streams[c.device], canary_utterance(tokenizer, c))
+                        for c in self.canaries}
+        self._utterance_length = {c.device: len(canary_utterance(tokenizer, c)) for c in self.canaries}
+        self._seq_len: int | None = None
+        # summed over the rounds a device's update was aggregated in: windows trained that held
+        # (part of) its canary, and occurrences trained whole in one window
+        self._canary_windows = {c.device: 0 for c in self.canaries}
+        self._whole = {c.device: 0 for c in self.canaries}
         self._first_completed: dict[str, int] = {}
         self._final_hits = {c.device: 0 for c in self.canaries}
         self._weights = None
@@ -248,14 +294,13 @@ class CanaryAudit:
     def secret_pieces(self, secret: Sequence[int]) -> list[int]:
         return [p for symbol in secret for p in self.word_pieces[symbol]]
 
-    def observe(self, version: int, weights, model_dir: Path, trained: Iterable[str]) -> None:
+    def observe(self, version: int, weights, model_dir: Path, trained: Mapping[str, object]) -> None:
         """A new published version, its weights, its downloaded folder, and the clients whose
-        updates it aggregated."""
+        updates it aggregated, each with the job it ran (`simulation.device_job.DeviceJob`: its
+        token stream, task and training seed, from which the windows it trained on follow)."""
         from edge_runtime.suggest import Suggester
 
-        for client in trained:
-            if client in self._trained:
-                self._trained[client] += 1
+        self.record_training(trained, seq_len=load_manifest(model_dir).seq_len)
         suggester = Suggester(model_dir)
         for canary in self.canaries:
             hits = suggested_words(lambda text: suggester.suggest(text, TOP_K), self.config.prefix, canary.words)
@@ -263,6 +308,26 @@ class CanaryAudit:
             if hits == len(canary.words):
                 self._first_completed.setdefault(canary.device, version)
         self._weights, self._version = weights, version
+
+    def device_windows(self, client: str) -> int:
+        """The training windows of the device's stream (`datasets.windows.make_windows`'s count)."""
+        return max(0, -(-(self._stream_lengths[client] - 1) // self._seq_len))
+
+    def record_training(self, trained: Mapping[str, object], *, seq_len: int) -> None:
+        """Count an aggregated round's training of the canary devices among `trained` (client ->
+        its job: `task` as JSON and the training `seed`): the round, and the windows the job trained
+        on that held the canary, which the device sampled with `sample_window_indices` and that seed."""
+        self._seq_len = seq_len
+        for client, job in trained.items():
+            if client not in self._trained:
+                continue
+            self._trained[client] += 1
+            touched, whole = canary_windows(self._starts[client], self._utterance_length[client], seq_len)
+            task = RoundTask.from_json(job.task)
+            chosen = set(sample_window_indices(self.device_windows(client), task.max_examples,
+                                               seed=job.seed).tolist())
+            self._canary_windows[client] += len(touched & chosen)
+            self._whole[client] += len(whole & chosen)
 
     def exposures(self) -> list[Exposure]:
         if self._weights is None:
@@ -282,6 +347,9 @@ class CanaryAudit:
             entries.append({
                 "phrase": canary.phrase, "device": canary.device, "repeats": canary.repeats,
                 "trained_rounds": self._trained[canary.device],
+                "device_windows": self.device_windows(canary.device),
+                "trained_canary_windows": self._canary_windows[canary.device],
+                "trained_whole_occurrences": self._whole[canary.device],
                 "exposure": round(exposure.exposure, 3), "rank": exposure.rank, "candidates": exposure.candidates,
                 "rank_method": exposure.method, "scored": exposure.scored,
                 "log_perplexity_bits": round(exposure.log_perplexity, 3),
@@ -296,17 +364,48 @@ class CanaryAudit:
         return {**dataclasses.asdict(self.config), "alphabet": list(self.alphabet)}
 
 
-def exposure_by_repeats(entries: Sequence[dict]) -> dict[str, float]:
-    """Mean exposure of the canaries typed each number of times, by that number (as a string key)."""
+def measured(entry: dict) -> bool:
+    """Whether the canary's exposure measures anything: an aggregated update of its device trained
+    on a window holding (part of) it. Otherwise the model never saw it, and its exposure is that
+    of a phrase never typed, whatever the mechanism. (An occurrence split across two windows is
+    trained as two fragments, as a real message would be: it counts as seen.)"""
+    return entry["trained_canary_windows"] > 0
+
+
+def exposure_by_repeats(entries: Sequence[dict]) -> dict[str, float | None]:
+    """Mean exposure of the *measured* canaries typed each number of times, by that number (as a
+    string key; None when none of them was measured). A canary the model never trained on would
+    pull the mean towards "nothing memorized" and make the model look more private than it is."""
     by: dict[int, list[float]] = {}
     for entry in entries:
-        by.setdefault(entry["repeats"], []).append(entry["exposure"])
-    return {str(r): round(float(np.mean(v)), 3) for r, v in sorted(by.items())}
+        by.setdefault(entry["repeats"], [])
+        if measured(entry):
+            by[entry["repeats"]].append(entry["exposure"])
+    return {str(r): round(float(np.mean(v)), 3) if v else None for r, v in sorted(by.items())}
+
+
+def unmeasured_warning(entries: Sequence[dict]) -> str | None:
+    """What the audit could not measure, in one sentence (None when every canary was trained on)."""
+    never = [e for e in entries if e["trained_rounds"] == 0]
+    missed = [e for e in entries if e["trained_rounds"] > 0 and not measured(e)]
+    if not never and not missed:
+        return None
+    parts = []
+    if never:
+        parts.append(f"{len(never)} of {len(entries)} canary devices never trained "
+                     f"({', '.join(repr(e['phrase']) for e in never)})")
+    if missed:
+        parts.append(f"{len(missed)} trained but never on a window holding their canary "
+                     f"({', '.join(repr(e['phrase']) for e in missed)})")
+    return ("WARNING: " + "; ".join(parts) + ": their exposure measures nothing and is left out of the means; "
+            "run more rounds or a smaller fleet")
 
 
 def summary_line(entries: Sequence[dict]) -> str:
-    """One line for the command's output."""
-    means = ", ".join(f"{r}x {e:.1f}" for r, e in exposure_by_repeats(entries).items())
+    """One line for the command's output (and the warning, if any canary was not measured)."""
+    means = ", ".join(f"{r}x {'—' if e is None else f'{e:.1f}'}" for r, e in exposure_by_repeats(entries).items())
     completed = sum(e["top3_completed"] for e in entries)
-    return (f"canaries: mean exposure by repeats {means} bits (at most {math.log2(entries[0]['candidates']):.1f}, "
+    line = (f"canaries: mean exposure by repeats {means} bits (at most {math.log2(entries[0]['candidates']):.1f}, "
             f"{entries[0]['candidates']} candidates); top-3 completed {completed} of {len(entries)}")
+    warning = unmeasured_warning(entries)
+    return line if warning is None else f"{line}\n{warning}"

@@ -250,8 +250,9 @@ def draw_clients(rng: np.random.Generator, train: dict[str, np.ndarray], count: 
 
 COUNTED = ("accepted", "duplicate")  # job results whose update the round aggregates
 
-# observe(version, its weights, its downloaded folder, the clients whose updates it aggregated)
-VersionObserver = Callable[[int, Weights, Path, list[str]], None]
+# observe(version, its weights, its downloaded folder, the clients whose updates it aggregated,
+# each with the job it ran)
+VersionObserver = Callable[[int, Weights, Path, dict[str, DeviceJob]], None]
 
 
 def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: FleetConfig,
@@ -301,7 +302,7 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
         client_of = {str(p.home): p.client_id for p in phones}
         records.append(evaluate(versions.weights(version), version, 0, Participation()))
         if observe is not None:
-            observe(version, versions.weights(version), versions.store.version_dir(version), [])
+            observe(version, versions.weights(version), versions.store.version_dir(version), {})
         bar = tqdm(total=config.rounds, desc="rounds", unit="round", disable=None if progress is None else not progress)
         for round_number in range(1, config.rounds + 1):
             started = time.monotonic()
@@ -349,7 +350,7 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                                   round_number, sum(r.num_examples for r in counted), sum(r.steps for r in counted))
                 if observe is not None:
                     observe(version, versions.weights(version), versions.store.version_dir(version),
-                            [client_of[job.home] for job, r in done if r.status in COUNTED])
+                            {client_of[job.home]: job for job, r in done if r.status in COUNTED})
             else:  # abandoned: the model did not change
                 record = dataclasses.replace(records[-1], round=round_number, clients=0, participation=participation,
                                              bytes_uploaded=uploaded, seconds=round(seconds, 2), sim_time=clock.now,

@@ -14,7 +14,7 @@ from datasets.prepared import load_prepared
 from fedkb_core.errors import FedkbError
 from fedkb_core.durable import ensure_writable_folder
 from model.config import ModelConfig
-from simulation.canaries import CanaryConfig, exposure_by_repeats, plant_canaries
+from simulation.canaries import CanaryConfig, exposure_by_repeats, measured, plant_canaries, unmeasured_warning
 from simulation.fleet import FleetConfig, draw_clients
 from simulation.report import plot_report, report_dict, write_report
 
@@ -110,6 +110,10 @@ def simulate(*, dataset: str, out: Path, fleet: FleetConfig, model: ModelConfig 
     if canary_entries:
         summary["canary_exposure_by_repeats"] = exposure_by_repeats(canary_entries)
         summary["canaries_top3_completed"] = sum(e["top3_completed"] for e in canary_entries)
+        summary["canaries_unmeasured"] = sum(not measured(e) for e in canary_entries)
+        warning = unmeasured_warning(canary_entries)
+        if warning:
+            log.warning("canaries: %s", warning)
     if baseline_metrics:
         summary["top1_fraction_of_baseline"] = last.top1 / baseline_metrics["top1"] if baseline_metrics["top1"] else None
     config = {"dataset": dataset, "backend": backend, "model": model.to_json(),

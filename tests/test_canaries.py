@@ -4,8 +4,10 @@ canaries' settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +19,12 @@ from model import numpy_lm
 from model.config import ModelConfig
 from model.metrics import token_nll
 from model.weights import initial_weights
-from simulation.canaries import (DIGITS, NUMBER_WORDS, CanaryConfig, canary_utterance, draw_canaries, model_scorer,
-                                 plant, plant_canaries, resolve_alphabet, suggested_words, summary_line)
+from datasets.windows import make_windows
+from edge_runtime.trainer import sample_window_indices, select_windows
+from fedkb_core.protocol import RoundTask
+from simulation.canaries import (DIGITS, NUMBER_WORDS, CanaryConfig, canary_utterance, canary_windows, draw_canaries,
+                                 exposure_by_repeats, model_scorer, plant, plant_canaries, resolve_alphabet,
+                                 suggested_words, summary_line)
 from simulation.exposure import measure_exposures
 from tests.fixtures_model import tiny_data  # noqa: F401  (the session fixture)
 
@@ -202,12 +208,83 @@ def test_the_keyboard_check_asks_for_each_word_after_the_prefix_and_the_words_be
     assert asked == ["my pin is", "my pin is 4", "my pin is 4 1", "my pin is 4 1 9"]
 
 
+def _entry(repeats, exposure, *, completed=False, rounds=3, windows=2, phrase="my pin is 1 2 3"):
+    return {"repeats": repeats, "exposure": exposure, "candidates": 4096, "top3_completed": completed,
+            "trained_rounds": rounds, "trained_canary_windows": windows, "phrase": phrase}
+
+
 def test_the_summary_line_gives_the_mean_exposure_per_repetition_count():
-    entries = [{"repeats": 16, "exposure": 9.0, "candidates": 4096, "top3_completed": True},
-               {"repeats": 1, "exposure": 1.0, "candidates": 4096, "top3_completed": False},
-               {"repeats": 16, "exposure": 7.0, "candidates": 4096, "top3_completed": False}]
+    entries = [_entry(16, 9.0, completed=True), _entry(1, 1.0), _entry(16, 7.0)]
     assert summary_line(entries) == ("canaries: mean exposure by repeats 1x 1.0, 16x 8.0 bits (at most 12.0, "
                                      "4096 candidates); top-3 completed 1 of 3")
+
+
+def test_a_canary_its_device_never_trained_on_is_left_out_of_the_means_and_warned_of():
+    entries = [_entry(16, 9.0), _entry(16, 1.2, rounds=0, windows=0, phrase="my pin is 4 4 4"),
+               _entry(1, 1.5, rounds=2, windows=0, phrase="my pin is 0 1 2"), _entry(4, 5.0)]
+    assert exposure_by_repeats(entries) == {"1": None, "4": 5.0, "16": 9.0}
+    line, warning = summary_line(entries).split("\n")
+    assert line.startswith("canaries: mean exposure by repeats 1x —, 4x 5.0, 16x 9.0 bits")
+    assert warning == ("WARNING: 1 of 4 canary devices never trained ('my pin is 4 4 4'); 1 trained but never on a "
+                       "window holding their canary ('my pin is 0 1 2'): their exposure measures nothing and is "
+                       "left out of the means; run more rounds or a smaller fleet")
+
+
+def test_the_window_sample_is_the_one_the_device_trains_on():
+    windows = make_windows(np.arange(200, dtype=np.int32), 7)
+    for seed in (0, 5):
+        picked = sample_window_indices(len(windows), 10, seed=seed)
+        assert np.array_equal(windows.take(picked).x, select_windows(windows, 10, seed=seed).x)
+        assert len(picked) == 10 and np.all(np.diff(picked) > 0)
+    assert np.array_equal(sample_window_indices(len(windows), 100, seed=0), np.arange(len(windows)))
+
+
+def test_an_occurrence_is_whole_in_a_window_when_all_its_targets_are():
+    # Window i predicts tokens i*T+1 .. (i+1)*T. An occurrence at s of 5 tokens predicts s+1 .. s+4.
+    assert canary_windows(np.array([0]), 5, 4) == ({0}, {0})  # targets 1..4: window 0
+    assert canary_windows(np.array([1]), 5, 4) == ({0, 1}, set())  # targets 2..5: split
+    assert canary_windows(np.array([4, 13]), 5, 4) == ({1, 3, 4}, {1})  # 5..8 whole; 14..17 split
+
+
+def test_the_audit_counts_the_trained_windows_that_held_each_canary(tiny_data):
+    data = load_prepared(tiny_data)
+    config = CanaryConfig(count=3, repeats=(1, 3, 6), alphabet=tuple("0123"), length=3, seed=2)
+    planted, audit = plant_canaries(data, config, sorted(data.train))
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    # windows a little longer than the canary: some occurrences fit in one, others are split across two
+    seq_len, max_examples = len(canary_utterance(tokenizer, audit.canaries[0])) + 8, 8
+    task = dataclasses.asdict(RoundTask(round_id=1, model_version=1, learning_rate=1.0, epochs=1, batch_size=2,
+                                        max_examples=max_examples, clip_norm=1.0, deadline=0.0))
+    rounds = [{c.device: SimpleNamespace(task=task, seed=seed) for c in audit.canaries} for seed in (11, 12, 13)]
+    rounds.append({audit.canaries[0].device: SimpleNamespace(task=task, seed=14), "someone else": None})
+    for trained in rounds:
+        audit.record_training(trained, seq_len=seq_len)
+
+    # Independently: the windows of the stream's positions, sampled by the device's own select_windows.
+    expected_touched, expected_whole, sampled = {}, {}, False
+    for canary in audit.canaries:
+        stream = planted.train[canary.device].tolist()
+        utterance = canary_utterance(tokenizer, canary).tolist()
+        targets = [set(range(s + 1, s + len(utterance))) for s in range(len(stream))
+                   if stream[s : s + len(utterance)] == utterance]
+        assert len(targets) == canary.repeats
+        positions = make_windows(np.arange(len(stream), dtype=np.int32), seq_len)
+        sampled |= len(positions) > max_examples
+        touched = whole = 0
+        for trained in rounds:
+            if canary.device in trained:
+                for row in select_windows(positions, max_examples, seed=trained[canary.device].seed).y:
+                    touched += any(set(row.tolist()) & t for t in targets)
+                    whole += sum(t <= set(row.tolist()) for t in targets)
+        expected_touched[canary.device], expected_whole[canary.device] = touched, whole
+    assert sampled  # the device trains on a sample of its windows
+    entries = {c.device: c for c in audit.canaries}
+    counts = {d: (audit._trained[d], audit._canary_windows[d], audit._whole[d]) for d in entries}
+    assert counts == {d: (4 if d == audit.canaries[0].device else 3, expected_touched[d], expected_whole[d])
+                      for d in entries}
+    assert any(expected_whole.values()) and sum(expected_touched.values()) > sum(expected_whole.values())
+    assert {d: audit.device_windows(d) for d in entries} == {
+        d: len(make_windows(planted.train[d], seq_len)) for d in entries}
 
 
 def test_planting_keeps_other_streams_and_inserts_at_boundaries_chosen_with_the_seed(tiny_data):

@@ -19,6 +19,7 @@ import pytest
 import simulation.fleet
 from datasets.prepared import load_prepared
 from datasets.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+from datasets.windows import make_windows
 from model.config import ModelConfig
 from model.evaluation import EvalConfig
 from simulation.availability import AvailabilityConfig
@@ -29,7 +30,8 @@ from tests.fixtures_model import TINY, tiny_data  # noqa: F401  (the session fix
 from tests.test_simulation_fleet import ALWAYS_NIGHT, TINY_FLAGS, _simulate
 
 ENTRY_KEYS = {"phrase", "device", "repeats", "trained_rounds", "exposure", "rank", "candidates", "rank_method",
-              "scored", "log_perplexity_bits", "model_version", "top3_words", "top3_completed", "top3_first_version"}
+              "scored", "log_perplexity_bits", "model_version", "top3_words", "top3_completed", "top3_first_version",
+              "device_windows", "trained_canary_windows", "trained_whole_occurrences"}
 
 
 def _without(tokens: np.ndarray, utterance: list[int]) -> tuple[list[int], int]:
@@ -81,6 +83,13 @@ def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices
     assert all(e["candidates"] == 8**4 - 3 and e["rank_method"] == "exact" for e in entries)
     final = report["summary"]["final_model_version"]
     assert all(e["model_version"] == final and e["trained_rounds"] == final - 1 for e in entries)
+    # A device with at most max_examples windows trains on all of them, its canary's every round; one
+    # with more (16 canaries make 96) on a sample, which held some of its canary every round here.
+    assert report["summary"]["canaries_unmeasured"] == 0
+    assert all(e["trained_canary_windows"] >= e["trained_rounds"] for e in entries)
+    assert all(e["trained_canary_windows"] % e["trained_rounds"] == 0 for e in entries
+               if e["device_windows"] <= fleet.max_examples)
+    assert any(e["device_windows"] > fleet.max_examples for e in entries)
 
     # Planted into the chosen devices' training text only, as whole utterances, `repeats` times.
     tokenizer = load_tokenizer(data.tokenizer_path)
@@ -94,6 +103,7 @@ def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices
         (device,) = carried  # one canary per device
         entry = next(e for e in entries if e["device"] == device)
         rest, count = _without(tokens, utterances[device])
+        assert entry["device_windows"] == len(make_windows(tokens, report["config"]["model"]["seq_len"]))
         assert count == entry["repeats"] and rest == data.train[device].tolist()
         trained.add(device)
     assert trained == set(utterances)
@@ -132,9 +142,18 @@ def test_simulate_prints_the_canary_summary_and_reports_every_canary_with_dp_on_
         assert isinstance(e["top3_completed"], bool) and 0 <= e["top3_words"] <= 3
     assert report["config"]["canaries"]["repeats"] == [2, 5] and report["config"]["canaries"]["seed"] == 0
     assert report["config"]["fleet"]["dp_noise_multiplier"] == 0.5
-    line = re.search(r"^canaries: mean exposure by repeats 2x \d+\.\d, 5x \d+\.\d bits \(at most 9\.0, 510 "
+    line = re.search(r"^canaries: mean exposure by repeats 2x (\d+\.\d|—), 5x (\d+\.\d|—) bits \(at most 9\.0, 510 "
                      r"candidates\); top-3 completed \d of 3$", result.stdout, re.M)
     assert line, result.stdout
+    # Two rounds of two of four devices: a canary device may not have trained, and is said to measure nothing.
+    unmeasured = [e for e in entries if e["trained_canary_windows"] == 0]
+    assert all(e["trained_canary_windows"] > 0 for e in entries if e["trained_whole_occurrences"] > 0)
+    assert report["summary"]["canaries_unmeasured"] == len(unmeasured)
+    warning = re.search(r"^WARNING: .* their exposure measures nothing and is left out of the means", result.stdout,
+                        re.M)
+    assert bool(warning) == bool(unmeasured), result.stdout
+    for e in unmeasured:
+        assert repr(e["phrase"]) in warning.group(0)
 
 
 @pytest.mark.parametrize("args, message", [
