@@ -53,6 +53,15 @@ def _crash_after_noise_if_asked() -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
+MAX_RETRY_DELAY = 30.0  # seconds: a failing pass is retried at least this often
+
+
+def retry_delay(failures: int, interval: float, cap: float = MAX_RETRY_DELAY) -> float:
+    """Seconds before the next pass after `failures` failed ones in a row: the idle interval,
+    doubled with each further failure, at most `cap`."""
+    return min(cap, interval * 2.0 ** (failures - 1))
+
+
 class Worker:
     """Folds, closes, publishes and opens rounds for one state directory (see module doc)."""
 
@@ -89,14 +98,25 @@ class Worker:
         self._wake.set()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-                self.last_error = None
-            except Exception as err:  # keep the worker alive; the next pass retries
+            except Exception as err:  # keep the worker alive; a later pass retries
+                failures += 1
                 self.last_error = f"{type(err).__name__}: {err}"
-                log.exception("worker pass failed")
-                busy = False
+                delay = retry_delay(failures, self.config.worker_interval)
+                if failures == 1:
+                    log.exception("worker pass failed; retrying in %.1f s", delay)
+                else:
+                    log.error("worker pass failed %d times in a row (%s); retrying in %.1f s", failures,
+                              self.last_error, delay)
+                # Uploads do not cut the wait short: a failing disk or database is not retried per request.
+                self._stop.wait(delay)
+                continue
+            if failures:
+                log.info("worker pass succeeded after %d failures", failures)
+                failures, self.last_error = 0, None
             if not busy:
                 self._wake.wait(self.config.worker_interval)
                 self._wake.clear()

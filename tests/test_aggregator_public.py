@@ -177,3 +177,30 @@ def test_gunicorn_answers_an_oversize_header_in_json(weights_model, tmp_path):
     finally:
         server.stop()
     assert "Invalid request from ip=127.0.0.1" in (tmp_path / "serve.log").read_text()  # gunicorn still logs it
+
+
+def test_a_failing_worker_backs_off_instead_of_retrying_on_every_upload(busy_server, caplog):
+    """A broken disk or database must not be retried (and logged with a traceback) once per
+    request: uploads wake the worker, but after a failure it waits, doubling the wait each time."""
+    import logging
+    import math
+    import time
+
+    from aggregator.worker import MAX_RETRY_DELAY, retry_delay
+
+    srv = busy_server
+    caplog.set_level(logging.INFO, logger="aggregator.worker")
+    break_the_worker(srv)
+    start = time.monotonic()
+    while time.monotonic() - start < 2.0:  # far more wake-ups than an upload storm would give
+        srv.state.worker.wake()
+        time.sleep(0.005)
+    failed = [r for r in caplog.records if "worker pass failed" in r.getMessage()]
+    # The k-th failure comes at least interval * (2^(k-1) - 1) s after the first (the waits before
+    # it add up to that), so in T s there are at most 1 + log2(T / interval + 1) of them.
+    interval, span = srv.state.config.worker_interval, time.time() - failed[0].created
+    assert 1 <= len(failed) <= 1 + math.log2(span / interval + 1), [r.getMessage() for r in failed]
+    assert sum(r.exc_info is not None for r in failed) == 1  # one traceback, then one line each
+    repair_the_worker(srv)
+    assert any("succeeded after" in r.getMessage() for r in caplog.records)
+    assert [retry_delay(n, 0.2) for n in (1, 2, 3)] == [0.2, 0.4, 0.8] and retry_delay(50, 0.2) == MAX_RETRY_DELAY
