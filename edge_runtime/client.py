@@ -11,6 +11,10 @@ repeat of an update it already stored as a duplicate of the first, so an update 
 was lost is never counted twice. A "round closed" or "stale model version" answer means the
 update came too late to matter: it is dropped quietly (status "dropped"), not raised.
 
+Every client counts what it moves (`Traffic`: requests, request body bytes sent, response body
+bytes read), as the bytes go: a phone's data plan pays for those, and the simulation reports them
+per device and round.
+
 Every reply is read as a stream against the device's own byte budget (`bounds.DownloadLimits`):
 a JSON answer, a manifest or a file that goes past it is cut off there, so an endless or huge
 body costs the device at most the budget in memory or on disk. A reply that is not the JSON the
@@ -71,6 +75,21 @@ class BadReply(FedkbError):
 
 
 _CREDENTIAL = re.compile(r"[A-Za-z0-9._~+/=-]{1,512}")  # what may go into an Authorization header
+
+
+@dataclasses.dataclass
+class Traffic:
+    """What a client moved over HTTP: requests sent (every attempt), request body bytes sent with
+    an answer, response body bytes read. Headers are not counted (a few hundred bytes a request)."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def since(self, earlier: "Traffic") -> "Traffic":
+        """What moved after the snapshot `earlier` (`dataclasses.replace(traffic)`)."""
+        return Traffic(self.requests - earlier.requests, self.bytes_sent - earlier.bytes_sent,
+                       self.bytes_received - earlier.bytes_received)
 
 
 # What enrollment returns is what the device keeps: its id and bearer token.
@@ -136,6 +155,7 @@ class ServerClient:
         self._rng = random.Random(seed)
         self._sleep = sleep
         self.retries = 0  # retries made over this client's life (observability, tests)
+        self.traffic = Traffic()  # what it moved over its life
 
     def close(self) -> None:
         self._http.close()
@@ -164,12 +184,14 @@ class ServerClient:
         problem = ""
         for attempt in range(self.retry.max_attempts):
             retry_after = 0.0
+            self.traffic.requests += 1
             try:
                 response = self._http.request(method, url, headers=headers, timeout=self.timeout, stream=True,
                                               **kwargs)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                 problem = f"{type(err).__name__}: {err}"
             else:
+                self.traffic.bytes_sent += len(response.request.body or b"")
                 if response.status_code in ok or response.status_code in passthrough:
                     return response, attempt + 1
                 if response.status_code < 500 and response.status_code != 429:
@@ -191,6 +213,7 @@ class ServerClient:
             parts, size = [], 0
             for chunk in response.iter_content(1 << 16):
                 size += len(chunk)
+                self.traffic.bytes_received += len(chunk)
                 if size > limit:
                     raise BadReply(f"{what}: the reply is larger than the {limit} bytes this device reads; "
                                    "stopped", code="reply_too_large")
@@ -302,6 +325,7 @@ class ServerClient:
                 with open(dest, "wb") as f:
                     for chunk in response.iter_content(1 << 16):
                         size += len(chunk)
+                        self.traffic.bytes_received += len(chunk)
                         if max_bytes is not None and size > max_bytes:
                             raise DownloadTooLarge(f"GET {path}: more than the {max_bytes} bytes expected; stopped")
                         f.write(chunk)

@@ -134,9 +134,10 @@ class TrainableCache:
     Loading an interpreter costs far more than a training step of a small job, and every job of
     a round trains the same version. What a job starts from is the version's own weights, read
     once at load: a job leaves the interpreter holding its trained weights, so the next job must
-    not take them from `get_weights`. Keyed by the folder and the trainable file's sha256 (a
-    folder can hold a different version 2 after a server was reset). Not thread-safe: one job at
-    a time, as the scheduler runs them.
+    not take them from `get_weights`. Keyed by the trainable file's sha256 as the (verified)
+    manifest lists it, not by folder: the devices of an emulated fleet each keep their own copy
+    of a version, and a folder can hold a different version 2 after a server was reset. Not
+    thread-safe: one job at a time, as the scheduler runs them.
 
     Args:
         num_threads: interpreter threads of every model it loads.
@@ -144,7 +145,7 @@ class TrainableCache:
 
     def __init__(self, *, num_threads: int = 1):
         self.num_threads = num_threads
-        self._key: tuple[Path, str] | None = None
+        self._key: str | None = None
         self._loaded: tuple[TrainableModel, Weights] | None = None
         self.loads = 0  # interpreters created (observability, tests)
 
@@ -156,7 +157,7 @@ class TrainableCache:
         """
         manifest = load_manifest(Path(model_dir))
         entry = manifest.files.get(TRAINABLE_FILE)
-        key = (Path(model_dir).resolve(), entry.sha256 if entry else "")
+        key = entry.sha256 if entry else f"unlisted:{Path(model_dir).resolve()}"
         if self._key != key or self._loaded is None:
             self._key, self._loaded = None, None  # a failed load leaves nothing stale behind
             model = TrainableModel(model_dir, num_threads=self.num_threads, manifest=manifest)

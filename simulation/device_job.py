@@ -15,9 +15,11 @@ What is emulated:
 * the device state: its daily pattern on the simulated clock (`FleetClockState`); during a job,
   one slice of the simulated job duration per training step (`JobClockState`: the scheduler
   reads the state once before each step), so a phone whose night ends mid-job drops out;
-* sharing: the devices of one process share one model store and one warm trainable
-  interpreter, so disk use is O(processes) rather than O(devices) and a worker loads each
-  version's interpreter once.
+* storage: each phone keeps its own model store in its home, so it downloads what a phone
+  would (its traffic is counted per job, `JobResult.bytes_downloaded`), but identical files are
+  hard links into one pool (`simulation.shared_files`), so disk use stays O(versions) rather
+  than O(devices); the devices of a worker process share one warm trainable interpreter, loaded
+  once per version.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from edge_runtime.model_store import ModelStore
 from edge_runtime.trainer import select_windows
 from fedkb_core.protocol import DeviceState, RoundTask
 from simulation.availability import AvailabilityConfig, DailyPattern
+from simulation.shared_files import share
 
 # The edge runtime's production conditions (idle, charging, unmetered, battery >= 20 %); the
 # new-examples rule does not apply, as an emulated device's text is all there from the start.
@@ -131,10 +133,10 @@ class JobClockState:
         return self.pattern.state_at(self.start + next(self._reads) * self.per_step, self.availability)
 
 
-def emulated_device(server_url: str, home: Path, tokens: np.ndarray, *, state, models: ModelStore,
+def emulated_device(server_url: str, home: Path, tokens: np.ndarray, *, state, models: ModelStore | None = None,
                     session: requests.Session | None = None) -> Device:
     """A phone's `Device` for the selection half of its cycle, in the fleet's process: its home,
-    its client's text, a model store shared with the other phones of the process."""
+    its client's text, its own model store in its home (unless `models` is given)."""
     return Device(DeviceConfig(server_url=server_url, home=Path(home), policy=POLICY, suggestions=False), state=state,
                   client=ServerClient(server_url, session=session), examples=TokenStreamExamples(tokens), models=models)
 
@@ -147,7 +149,7 @@ class DeviceJob:
     home: str  # the device's home folder (its credentials are there since enrollment)
     task: dict  # RoundTask as JSON
     tokens: np.ndarray  # this client's training token stream (stays "on the device")
-    models_dir: str  # each worker process keeps its model store in a folder under this one
+    files_pool: str  # the folder of model files the phones' stores link to (`simulation.shared_files`)
     seed: int  # the training seed of this client in this round (the TFF reference uses the same)
     num_threads: int = 1
     pattern: DailyPattern | None = None  # None: the device stays eligible throughout
@@ -168,22 +170,18 @@ class JobResult:
     train_seconds: float = 0.0
     mean_loss: float = float("nan")
     steps: int = 0
+    # What the job moved over HTTP (`edge_runtime.client.Traffic`): model download and upload.
+    requests: int = 0
+    bytes_uploaded: int = 0
+    bytes_downloaded: int = 0
 
 
 # What a device's cycle report means for the fleet's participation counts.
 _STATUS = {"accepted": "accepted", "duplicate": "duplicate", "interrupted": "dropped", "abandoned": "dropped",
            "dropped": "late", "no_data": "no_data"}
 
-# Per process: the model store and the warm interpreter its devices share.
-_stores: dict[Path, ModelStore] = {}
+# Per process: the warm interpreter its devices share.
 _trainables: dict[int, TrainableCache] = {}
-
-
-def _shared_store(models_dir: str) -> ModelStore:
-    root = Path(models_dir) / f"worker-{os.getpid()}"
-    if root not in _stores:
-        _stores[root] = ModelStore(root)
-    return _stores[root]
 
 
 def result_of(device_id: str | None, report: CycleReport, seconds: float = 0.0) -> JobResult:
@@ -209,18 +207,21 @@ def run_device_job(job: DeviceJob) -> JobResult:
         config = DeviceConfig(server_url=job.server_url, home=Path(job.home), policy=job.policy,
                               num_threads=job.num_threads, seed=job.seed - task.round_id, suggestions=False)
         device = Device(config, state=state, client=client, examples=TokenStreamExamples(job.tokens),
-                        models=_shared_store(job.models_dir),
                         trainables=_trainables.setdefault(job.num_threads, TrainableCache(num_threads=job.num_threads)))
         started = time.monotonic()
         report = device.run_task(task)
-        return result_of(device.device_id, report, time.monotonic() - started)
+        result = result_of(device.device_id, report, time.monotonic() - started)
     except ServerUnavailable as err:
-        return JobResult(device.device_id if device else None, f"failed:server unavailable: {err}")
+        result = JobResult(device.device_id if device else None, f"failed:server unavailable: {err}")
     except Exception as err:  # noqa: BLE001 (see docstring)
-        return JobResult(device.device_id if device else None, f"failed:{type(err).__name__}: {err}")
+        result = JobResult(device.device_id if device else None, f"failed:{type(err).__name__}: {err}")
     finally:
         if device is not None:
+            share(device.models.root, job.files_pool)
             device.close()
         else:
             client.close()
+    moved = client.traffic
+    return dataclasses.replace(result, requests=moved.requests, bytes_uploaded=moved.bytes_sent,
+                               bytes_downloaded=moved.bytes_received)
 

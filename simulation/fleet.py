@@ -8,6 +8,11 @@ parallel worker processes (train with LiteRT, upload), and some stop being eligi
 finish and drop out. The server aggregates and publishes the next version, which the fleet
 downloads over HTTP like a device, into the edge runtime's model store, and evaluates.
 
+Every phone keeps its own model store and HTTP client, and the report counts, per round, what
+each phone's client moved (requests, request and response body bytes) in both halves of its
+cycle (`simulation.report.traffic_summary`); the fleet's own downloads for evaluation are not a
+phone's and are not counted.
+
 The fleet knows its server only by URL, enrollment secret and admin token (`ServerAccess`):
 never where the server keeps its state, whose files it must not read.
 """
@@ -31,7 +36,7 @@ from tqdm import tqdm
 
 from datasets.prepared import PreparedData
 from datasets.tokenizer import load_tokenizer, word_start_table
-from edge_runtime.client import ServerClient
+from edge_runtime.client import ServerClient, Traffic
 from edge_runtime.device import CycleReport, Device
 from edge_runtime.eligibility import can_continue
 from edge_runtime.litert_model import TrainableCache
@@ -47,7 +52,8 @@ from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
 from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult, SimulatedClock, emulated_device,
                                    job_steps, run_device_job)
 from simulation.executor import InlineExecutor, ProcessExecutor
-from simulation.report import Participation, RoundRecord
+from simulation.report import Participation, RoundRecord, traffic_summary
+from simulation.shared_files import prune, share
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +145,22 @@ def _flag(field: str) -> str:
 
 class ServerAccess:
     """What a fleet knows of its server: the URL, the fleet's enrollment secret and the
-    operator's admin token. Nothing of where the server keeps its files."""
+    operator's admin token. Nothing of where the server keeps its files.
 
-    def __init__(self, url: str, secret: str, admin: str):
+    `operator_url` (default: `url`) is where the fleet's own traffic goes (status, ending a
+    round, the versions it evaluates): the phones use `url`, so a proxy there sees only theirs."""
+
+    def __init__(self, url: str, secret: str, admin: str, *, operator_url: str | None = None):
         self.url, self.secret, self.admin = url.rstrip("/"), secret, admin
+        self.operator_url = (operator_url or url).rstrip("/")
 
     def status(self) -> dict:
-        return requests.get(f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {self.admin}"},
-                            timeout=10).json()
+        return requests.get(f"{self.operator_url}/v1/admin/status",
+                            headers={"Authorization": f"Bearer {self.admin}"}, timeout=10).json()
 
     def end_round(self) -> None:
-        requests.post(f"{self.url}/v1/admin/rounds/current/end", headers={"Authorization": f"Bearer {self.admin}"},
-                      timeout=10)
+        requests.post(f"{self.operator_url}/v1/admin/rounds/current/end",
+                      headers={"Authorization": f"Bearer {self.admin}"}, timeout=10)
 
     def stop(self) -> None:
         """A server the fleet did not start is not the fleet's to stop."""
@@ -217,13 +227,14 @@ class _Versions:
 
 
 def _enroll(server: ServerAccess, client_ids: list[str], data: PreparedData, patterns, clock: SimulatedClock,
-            config: FleetConfig, homes: Path, store: ModelStore, session: requests.Session) -> list[_Phone]:
-    """One edge-runtime device per client, enrolled with the fleet's secret (one shared HTTP
-    session: a keep-alive connection per device would hold a server thread each)."""
+            config: FleetConfig, homes: Path, session: requests.Session) -> list[_Phone]:
+    """One edge-runtime device per client, with its own model store, enrolled with the fleet's
+    secret (one shared HTTP session: a keep-alive connection per device would hold a server
+    thread each; each device still has its own client, which counts its traffic)."""
     phones = []
     for i, cid in enumerate(client_ids):
         home = homes / f"{i:05d}"
-        device = emulated_device(server.url, home, data.train[cid], models=store, session=session,
+        device = emulated_device(server.url, home, data.train[cid], session=session,
                                  state=FleetClockState(patterns[i], clock, config.availability))
         device.ensure_enrolled(server.secret)
         phones.append(_Phone(i, cid, home, device))
@@ -240,6 +251,12 @@ def _select(eligible: list[_Phone], order) -> list[tuple[_Phone, RoundTask]]:
         elif isinstance(answer, CycleReport) and "round_full" in answer.reasons:
             break
     return selected
+
+
+def _plus(traffic: Traffic, job: JobResult) -> Traffic:
+    """A phone's check-in traffic plus its job's."""
+    return Traffic(traffic.requests + job.requests, traffic.bytes_sent + job.bytes_uploaded,
+                   traffic.bytes_received + job.bytes_downloaded)
 
 
 def draw_clients(rng: np.random.Generator, train: dict[str, np.ndarray], count: int) -> list[str]:
@@ -276,19 +293,21 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
     clock = SimulatedClock(config.start_hour_utc * HOUR)
     cache = Path(out) / "device_cache"
 
-    def evaluate(weights, version, clients, participation, seconds=0.0, uploaded=0, round_=0, examples=0, steps=0):
+    def evaluate(weights, version, clients, participation, seconds=0.0, traffic=None, round_=0, examples=0, steps=0):
+        traffic = traffic or traffic_summary([])
         return RoundRecord(round=round_, model_version=version, clients=clients,
                            eval=evaluate_weights(weights, data.heldout, word_start, config.eval),
                            eval_participants=evaluate_weights(weights, fleet_test, word_start, config.eval)
                            if fleet_test else None,
-                           participation=participation, bytes_uploaded=uploaded, seconds=round(seconds, 2),
-                           sim_time=clock.now, examples=examples, steps=steps)
+                           participation=participation, bytes_uploaded=traffic["bytes_uploaded"]["total"],
+                           bytes_downloaded=traffic["bytes_downloaded"]["total"], traffic=traffic,
+                           seconds=round(seconds, 2), sim_time=clock.now, examples=examples, steps=steps)
 
     if server is None:
         server = ServerProcess(state=out / "server", init_model=model_dir, log_path=out / "server.log", config=config)
     executor = ProcessExecutor(config.workers) if config.workers > 1 else InlineExecutor()
     session = requests.Session()
-    fleet_client = ServerClient(server.url, session=session)
+    fleet_client = ServerClient(server.operator_url)
     phones: list[_Phone] = []
     records = []
     try:
@@ -298,7 +317,8 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
         if manifest.tokenizer_sha256 != sha256_file(data.tokenizer_path):
             raise FedkbError(f"the server's model version {version} was not exported with the data's tokenizer "
                              f"{data.tokenizer_path}: the prepared token streams would mean other words")
-        phones = _enroll(server, client_ids, data, patterns, clock, config, cache / "homes", versions.store, session)
+        phones = _enroll(server, client_ids, data, patterns, clock, config, cache / "homes", session)
+        pool = cache / "shared_files"
         client_of = {str(p.home): p.client_id for p in phones}
         records.append(evaluate(versions.weights(version), version, 0, Participation()))
         if observe is not None:
@@ -311,11 +331,15 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                 log.warning("round %d: %s", round_number, budget["message"])
                 break
             eligible = [p for p in phones if can_continue(p.device.state.current(), POLICY)]  # awake, charging, Wi-Fi
+            before = {p.index: dataclasses.replace(p.device.client.traffic) for p in eligible}
             selected = _select(eligible, rng.permutation(len(eligible)))
+            moved = {p.index: p.device.client.traffic.since(before[p.index]) for p in eligible}
+            for p in eligible:
+                share(p.device.models.root, pool)
             # Each selected phone runs its job under the edge runtime's scheduler on the simulated
             # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out.
             jobs = [DeviceJob(server.url, str(p.home), dataclasses.asdict(t), data.train[p.client_id],
-                              str(cache / "workers"), seed=config.seed * 100_003 + round_number * 1009 + p.index,
+                              str(pool), seed=config.seed * 100_003 + round_number * 1009 + p.index,
                               pattern=patterns[p.index], availability=config.availability, sim_start=clock.now,
                               job_seconds=config.job_minutes * 60, steps=job_steps(
                                   data.train[p.client_id], seq_len=manifest.seq_len, task=t), policy=POLICY)
@@ -342,19 +366,25 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                                           dropped=sum(r.status == "dropped" for r in results) + len(failed),
                                           late=sum(r.status == "late" for r in results),
                                           rejected=sum(r.status.startswith("rejected") for r in results))
-            uploaded = sum(r.upload_bytes for r in results)
+            phone_of = {str(p.home): p.index for p in phones}
+            for job, r in done:
+                if isinstance(r, JobResult):
+                    moved[phone_of[job.home]] = _plus(moved.get(phone_of[job.home], Traffic()), r)
+            traffic = traffic_summary([(t.requests, t.bytes_sent, t.bytes_received) for t in moved.values()])
+            prune(pool)  # no job runs now
             seconds = time.monotonic() - started
             if new_version > version:
                 version = new_version
-                record = evaluate(versions.weights(version), version, len(counted), participation, seconds, uploaded,
+                record = evaluate(versions.weights(version), version, len(counted), participation, seconds, traffic,
                                   round_number, sum(r.num_examples for r in counted), sum(r.steps for r in counted))
                 if observe is not None:
                     observe(version, versions.weights(version), versions.store.version_dir(version),
                             {client_of[job.home]: job for job, r in done if r.status in COUNTED})
             else:  # abandoned: the model did not change
                 record = dataclasses.replace(records[-1], round=round_number, clients=0, participation=participation,
-                                             bytes_uploaded=uploaded, seconds=round(seconds, 2), sim_time=clock.now,
-                                             examples=0, steps=0)
+                                             bytes_uploaded=traffic["bytes_uploaded"]["total"],
+                                             bytes_downloaded=traffic["bytes_downloaded"]["total"], traffic=traffic,
+                                             seconds=round(seconds, 2), sim_time=clock.now, examples=0, steps=0)
             records.append(dataclasses.replace(record, privacy=(status.get("privacy") or {}).get("spent")))
             bar.update(1)
             bar.set_postfix(v=version, clients=len(counted), word_ppl=f"{record.eval.word_perplexity:.0f}",

@@ -40,12 +40,28 @@ class RoundRecord:
     eval: EvalResult  # held-out clients
     eval_participants: EvalResult | None = None  # test splits of clients that trained
     participation: Participation = dataclasses.field(default_factory=Participation)
-    bytes_uploaded: int = 0
+    bytes_uploaded: int = 0  # request body bytes the phones sent this round (updates, retries, check-ins)
+    bytes_downloaded: int = 0  # response body bytes the phones read this round (models, manifests, answers)
+    traffic: dict = dataclasses.field(default_factory=lambda: traffic_summary([]))  # per device: `traffic_summary`
     seconds: float = 0.0
     sim_time: float = 0.0  # simulated UTC seconds when the round closed
     examples: int = 0  # training windows behind the updates aggregated into this round's model
     steps: int = 0  # training steps (batches) behind them
     privacy: dict | None = None  # the server's privacy account after this round (`PrivacySpent.as_json`)
+
+
+def traffic_summary(moved: list[tuple[int, int, int]]) -> dict:
+    """A round's HTTP traffic from each phone's (requests, bytes sent, bytes received), as its
+    client counted them: `devices` (phones that sent a request), `requests`, and
+    `bytes_uploaded` / `bytes_downloaded` as {total, mean, max} over those phones."""
+    moved = [m for m in moved if m[0] > 0]
+
+    def stats(values: list[int]) -> dict:
+        return {"total": sum(values), "mean": round(sum(values) / len(values), 1) if values else 0.0,
+                "max": max(values, default=0)}
+
+    return {"devices": len(moved), "requests": sum(m[0] for m in moved),
+            "bytes_uploaded": stats([m[1] for m in moved]), "bytes_downloaded": stats([m[2] for m in moved])}
 
 
 def report_dict(*, config: dict, rounds: list[RoundRecord], baseline: dict | None = None,

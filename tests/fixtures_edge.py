@@ -33,7 +33,7 @@ _BUILT: dict[str, Path] = {}
 
 __all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultProxy", "state", "ALL_MET",
            "SAMPLE_LINES", "bump_version", "proxy", "Typist", "RecordingProxy", "HttpRequest",
-           "shakespeare_edge_model", "PRIVATE_MESSAGES"]
+           "shakespeare_edge_model", "PRIVATE_MESSAGES", "HttpExchange"]
 
 
 def state(**changes):
@@ -267,13 +267,24 @@ class HttpRequest:
     body: bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class HttpExchange:
+    """One request and the answer to it, as they went over the wire."""
+
+    request: HttpRequest
+    status: int
+    headers: dict  # lower-cased names
+    body: bytes  # the response body (de-chunked)
+
+
 class RecordingProxy:
-    """A loopback TCP relay in front of `upstream` that keeps every byte the client sends.
+    """A loopback TCP relay in front of `upstream` that keeps every byte either side sends.
 
     It relays bytes, not HTTP messages, so what it records is exactly what left the client:
     request lines, headers, bodies, every retry. `sent()` gives each connection's bytes in
     order; `requests()` splits them into HTTP requests (Content-Length framing, which is all
-    the device's client uses)."""
+    the device's client uses); `exchanges()` pairs each with the response the server sent
+    (Content-Length or chunked framing; none for 304)."""
 
     def __init__(self, upstream: str):
         parts = urlsplit(upstream)
@@ -281,6 +292,7 @@ class RecordingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._sent: list[bytearray] = []
+        self._received: list[bytearray] = []
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -292,12 +304,13 @@ class RecordingProxy:
             except OSError:  # stopped
                 return
             upstream = socket.create_connection(self._target)
-            record = bytearray()
+            record, answers = bytearray(), bytearray()
             with self._lock:
                 self._sent.append(record)
+                self._received.append(answers)
                 self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, answers), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
         try:
@@ -316,19 +329,20 @@ class RecordingProxy:
             return [bytes(r) for r in self._sent]
 
     def requests(self) -> list[HttpRequest]:
+        return [request for stream in self.sent() for request in _requests_in(stream)]
+
+    def exchanges(self) -> list[HttpExchange]:
+        """Every request with the answer the server sent to it, connection by connection."""
+        with self._lock:
+            streams = [(bytes(a), bytes(b)) for a, b in zip(self._sent, self._received, strict=True)]
         found = []
-        for stream in self.sent():
+        for sent, received in streams:
             at = 0
-            while at < len(stream):
-                end = stream.index(b"\r\n\r\n", at) + 4
-                head = stream[at:end]
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-                assert "transfer-encoding" not in headers, "a chunked request: extend the parser"
-                length = int(headers.get("content-length", 0))
-                method, path, _ = lines[0].split(" ", 2)
-                found.append(HttpRequest(method, path, head, stream[end:end + length]))
-                at = end + length
+            for request in _requests_in(sent):
+                if at >= len(received):
+                    break  # no answer (yet)
+                status, headers, body, at = _response_at(received, at)
+                found.append(HttpExchange(request, status, headers, body))
         return found
 
     def stop(self) -> None:
@@ -339,6 +353,44 @@ class RecordingProxy:
                 except OSError:
                     pass
                 s.close()
+
+
+def _head_at(stream: bytes, at: int) -> tuple[list[str], dict, int]:
+    end = stream.index(b"\r\n\r\n", at) + 4
+    lines = stream[at:end].decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    return lines, headers, end
+
+
+def _requests_in(stream: bytes) -> list[HttpRequest]:
+    found, at = [], 0
+    while at < len(stream):
+        lines, headers, end = _head_at(stream, at)
+        assert "transfer-encoding" not in headers, "a chunked request: extend the parser"
+        length = int(headers.get("content-length", 0))
+        method, path, _ = lines[0].split(" ", 2)
+        found.append(HttpRequest(method, path, stream[at:end], stream[end:end + length]))
+        at = end + length
+    return found
+
+
+def _response_at(stream: bytes, at: int) -> tuple[int, dict, bytes, int]:
+    """(status, headers, body, where the next response starts) of the response at `at`."""
+    lines, headers, end = _head_at(stream, at)
+    status = int(lines[0].split(" ", 2)[1])
+    if status in (204, 304) or 100 <= status < 200:
+        return status, headers, b"", end
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size_end = stream.index(b"\r\n", end)
+            size = int(stream[end:size_end].split(b";")[0], 16)
+            body += stream[size_end + 2:size_end + 2 + size]
+            end = size_end + 2 + size + 2
+            if size == 0:
+                return status, headers, bytes(body), end
+    length = int(headers.get("content-length", 0))
+    return status, headers, stream[end:end + length], end + length
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ whole simulation takes seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from edge_runtime.eligibility import can_continue
 from edge_runtime.litert_model import TrainableCache
 from edge_runtime.model_store import ModelStore
 from edge_runtime.trainer import TrainingJob
-from fedkb_core.manifest import load_manifest
+from fedkb_core.manifest import TRAINABLE_FILE, FileEntry, load_manifest, write_manifest
 from fedkb_core.protocol import RoundTask, to_json
 from simulation.availability import HOUR, AvailabilityConfig, DailyPattern
 from simulation.device_job import ALWAYS_ELIGIBLE, DeviceJob, emulated_device, job_steps, run_device_job
@@ -104,9 +105,13 @@ def test_a_workers_devices_share_one_warm_interpreter_that_starts_every_job_from
     for name, value in weights.items():  # the next device starts from the version's weights, not those
         np.testing.assert_array_equal(weights_again[name], value)
     assert any(not np.array_equal(model.get_weights()[k], weights[k]) for k in weights)
-    other = tmp_path / "v1"
-    shutil.copytree(tiny_model, other)
-    assert cache.load(other)[0] is not model and cache.loads == 2  # another folder: another version
+    copy = shutil.copytree(tiny_model, tmp_path / "another_device" / "v1")
+    assert cache.load(copy)[0] is model and cache.loads == 1  # another device's copy of the same file
+    other = shutil.copytree(tiny_model, tmp_path / "v2")
+    manifest = load_manifest(other)
+    write_manifest(other, dataclasses.replace(manifest, files={
+        **manifest.files, TRAINABLE_FILE: FileEntry("0" * 64, manifest.files[TRAINABLE_FILE].bytes)}))
+    assert cache.load(other)[0] is not model and cache.loads == 2  # another trainable file: another version
 
 
 def _simulate(args, cwd, timeout=600):
@@ -274,8 +279,8 @@ def test_the_fleet_never_touches_the_servers_state_folder(tiny_model, tiny_data,
     touched = _paths_touched(trace, cwd)
     state = (out / "server").resolve()
     assert (state / "models" / "3").is_dir(), "the server published its versions in its state folder"
-    # The trace saw the fleet at work (its own model store, a worker's downloaded version) ...
-    assert any(p.name == "trainable.tflite" and "workers" in p.parts for p in touched), "the trace missed the workers"
+    # The trace saw the fleet at work (its own model store, a phone's downloaded version) ...
+    assert any(p.name == "trainable.tflite" and "homes" in p.parts for p in touched), "the trace missed the phones"
     assert any(p.name == "manifest.json" and "fleet" in p.parts for p in touched)
     # ... and never a path in the server's state folder.
     assert not [p for p in touched if p == state or state in p.parents]
