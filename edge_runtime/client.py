@@ -15,6 +15,14 @@ Every client counts what it moves (`Traffic`: requests, request body bytes sent,
 bytes read), as the bytes go: a phone's data plan pays for those, and the simulation reports them
 per device and round.
 
+Model downloads are conditional where that saves bytes: a manifest the device already holds is
+asked for with `If-None-Match` (its sha256, the server's strong ETag), and a 304 answer is
+accepted only as the answer to that question: one for a request that was not conditional, with
+another ETag, or declaring a body other than what the device holds (a `Content-Length` other
+than 0 or its size, RFC 9110 §8.6, or a `Transfer-Encoding`) is a `BadReply`. A 304 has no body, so
+the connection it came on is closed unread: bytes a server put after it are never taken for the
+next answer.
+
 Every reply is read as a stream against the device's own byte budget (`bounds.DownloadLimits`):
 a JSON answer, a manifest or a file that goes past it is cut off there, so an endless or huge
 body costs the device at most the budget in memory or on disk. A reply that is not the JSON the
@@ -277,14 +285,25 @@ class ServerClient:
         except (ProtocolError, TypeError, ValueError) as err:
             raise BadReply(f"POST /v1/checkin: {str(err)[:200]}") from None
 
-    def manifest(self, version: int | None = None) -> tuple[Manifest, bytes]:
-        """The manifest of `version` (default: the latest), parsed and as raw bytes.
+    def manifest(self, version: int | None = None, *,
+                 held: tuple[str, int] | None = None) -> tuple[Manifest, bytes] | None:
+        """The manifest of `version` (default: the latest), parsed and as raw bytes; None when
+        the device holds it already: the sha256 of the manifest bytes it holds (`held`: sha256,
+        size) is sent as `If-None-Match`, and the server answered 304 for exactly that ETag.
 
         Raises:
-            ManifestError: not a manifest (too large, not JSON, missing fields): a bad download.
+            ManifestError: not a manifest (too large, not JSON, missing fields), or a 304 that does
+                not answer the question asked (see the module docstring): a bad download.
         """
         path = "/v1/models/latest" if version is None else f"/v1/models/{version}/manifest.json"
-        response, _ = self._request("GET", path, auth=False)
+        headers = {"If-None-Match": f'"{held[0]}"'} if held else {}
+        response, _ = self._request("GET", path, auth=False, ok=(200,), passthrough=(304,), headers=headers)
+        if response.status_code == 304:
+            try:
+                self._check_not_modified(response, f"GET {path}", held)
+            except BadReply as err:
+                raise ManifestError(str(err)) from None
+            return None
         try:
             raw = self._read_capped(response, self.limits.max_manifest_bytes, f"GET {path}")
             body = json.loads(raw)
@@ -305,6 +324,29 @@ class ServerClient:
             return None
         return self._read_capped(response, MAX_SIGNATURE_BYTES, f"GET {path}")
 
+    def _check_not_modified(self, response: requests.Response, what: str, held: tuple[str, int] | None) -> None:
+        """A 304 is the answer "you hold it already" to an `If-None-Match` for `held` (sha256, size).
+
+        Raises:
+            BadReply: a 304 to a request that was not conditional, for another ETag, or declaring
+                a body other than the one held.
+        """
+        etag, length = response.headers.get("ETag"), response.headers.get("Content-Length")
+        chunked = "Transfer-Encoding" in response.headers
+        response.raw.close()  # unread, with its connection (see the module docstring)
+        response.close()
+        if held is None:
+            raise BadReply(f"{what}: the server answered 304 Not Modified, but this device holds no copy "
+                           "and did not ask conditionally")
+        sha256, size = held
+        if etag is not None and etag.strip().removeprefix("W/") != f'"{sha256}"':
+            raise BadReply(f"{what}: the server answered 304 Not Modified for ETag {_short(etag, '', 80)}, "
+                           f'but this device asked about "{sha256}"')
+        if chunked or (length is not None and length.strip() not in ("0", str(size))):
+            declared = "chunked" if chunked else f"Content-Length {_short(length, '', 20)}"
+            raise BadReply(f"{what}: the server answered 304 Not Modified with a body ({declared}; the copy "
+                           f"held is {size} bytes): not HTTP, nothing of it used")
+
     def signing_key(self) -> bytes:
         """The server's model signing public key (PEM): what a device with none configured pins."""
         response, _ = self._request("GET", "/v1/models/signing-key", auth=False, ok=(200,))
@@ -316,10 +358,13 @@ class ServerClient:
         Raises:
             DownloadTooLarge: the body went past `max_bytes` (the manifest's size): reading stops
                 there, so a body that never ends cannot fill the disk. Not retried.
+            BadReply: a 304 (the device never asks for a file conditionally: it holds it or not).
         """
         path = f"/v1/models/{version}/{filename}"
         for attempt in range(self.retry.max_attempts):
-            response, _ = self._request("GET", path, auth=False)
+            response, _ = self._request("GET", path, auth=False, ok=(200,), passthrough=(304,))
+            if response.status_code == 304:  # never asked conditionally: a file the device does not hold
+                self._check_not_modified(response, f"GET {path}", None)
             try:
                 size = 0
                 with open(dest, "wb") as f:

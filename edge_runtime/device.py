@@ -9,8 +9,11 @@ https://arxiv.org/abs/1902.01046, §2–3):
 3. retry any update still waiting in the outbox (an earlier upload the network swallowed); a
    cycle that sends one does nothing else;
 4. check in with the server, which answers with a task or a retry-after (pace steering);
-   at check-in, fetch and verify a newer model version if there is one;
-5. run the task's job under the scheduler (interruptible, checkpointed, resumable);
+   at check-in, a device that suggests fetches and verifies a newer version's inference model if
+   there is one (one that only trains needs no version until it has a task);
+5. fetch what the task's version needs to train and the device does not hold yet
+   (`ModelStore.fetch(files=...)`), and run the task's job under the scheduler (interruptible,
+   checkpointed, resumable);
 6. clip Δ, encode it (safetensors), keep it in the outbox, upload it, and clear the outbox once
    the server has it (or says it is too late).
 
@@ -59,6 +62,7 @@ from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOut
 from edge_runtime.store import ExampleSource, ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
 from edge_runtime.trainer import TrainingJob, job_key
+from edge_runtime.version_check import SUGGESTION_FILES, TRAINING_FILES
 from fedkb_core.durable import atomic_write, atomic_write_json
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import TOKENIZER_FILE, Manifest
@@ -245,10 +249,11 @@ class Device:
             return CycleReport("ineligible", verdict.reasons)
 
         self._ensure_trusted_keys()  # never fetch a version without a key to check it against
-        try:
-            self.models.update_if_newer(self.client)
-        except ModelRejected as err:
-            log.warning("%s", err)
+        if self.config.suggestions:  # the keyboard wants the newest model; training waits for a task
+            try:
+                self.models.update_if_newer(self.client, SUGGESTION_FILES)
+            except ModelRejected as err:
+                log.warning("%s", err)
         answer = self.client.checkin(self.state.current(), self.models.current_version)
         if answer.action != "train":
             self.scheduler.abandon_unless(None)
@@ -275,10 +280,12 @@ class Device:
         return self._train_and_upload(task, model_dir)
 
     def _model_for(self, version: int) -> Path:
-        if not self.models.has_version(version):
+        current = self.models.current_version
+        activate = current is None or version > current
+        files = TRAINING_FILES + (SUGGESTION_FILES if self.config.suggestions and activate else ())
+        if not self.models.holds(version, files):
             self._ensure_trusted_keys()
-            current = self.models.current_version
-            self.models.fetch(self.client, version, activate=current is None or version > current)
+            self.models.fetch(self.client, version, activate=activate, files=files)
         return self.models.version_dir(version)
 
     def _refused(self, task: RoundTask, err: TaskRefused) -> CycleReport:

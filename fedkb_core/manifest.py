@@ -114,15 +114,18 @@ def write_manifest(model_dir: Path | str, manifest: Manifest) -> Path:
     return atomic_write_json(Path(model_dir) / MANIFEST_FILE, manifest.to_json())
 
 
-def verify_files(model_dir: Path | str, manifest: Manifest) -> None:
-    """Check every listed file exists with the listed size and sha256.
+def verify_files(model_dir: Path | str, manifest: Manifest, names=None) -> None:
+    """Check every listed file (or the listed `names` only: a device holds what it needs) exists
+    with the listed size and sha256.
 
     Raises:
-        ManifestError: naming the first file that is missing or differs.
+        ManifestError: naming the first file that is missing or differs, or a name not listed.
     """
     root = Path(model_dir)
-    for name, entry in manifest.files.items():
-        path = root / name
+    for name in manifest.files if names is None else names:
+        if name not in manifest.files:
+            raise ManifestError(f"{root}: {name} is not listed in the manifest")
+        entry, path = manifest.files[name], root / name
         if not path.is_file():
             raise ManifestError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size

@@ -33,7 +33,7 @@ _BUILT: dict[str, Path] = {}
 
 __all__ = ["edge_model", "edge_model_copy", "user_lines", "text_file", "FaultProxy", "state", "ALL_MET",
            "SAMPLE_LINES", "bump_version", "proxy", "Typist", "RecordingProxy", "HttpRequest",
-           "shakespeare_edge_model", "PRIVATE_MESSAGES", "HttpExchange"]
+           "shakespeare_edge_model", "PRIVATE_MESSAGES", "HttpExchange", "retrained"]
 
 
 def state(**changes):
@@ -105,6 +105,25 @@ def shakespeare_edge_model(tmp_path_factory, shakespeare_prepared) -> Path:
         export_model(tokenizer_path=shakespeare_prepared / "tokenizer.model", out_dir=out, config=config)
         _BUILT["shakespeare"] = out
     return _BUILT["shakespeare"]
+
+
+@pytest.fixture(scope="session")
+def retrained(edge_model, tmp_path_factory):
+    """Version 2 with other weights, published the way the server publishes (both TFLite files'
+    weights rewritten, the tokenizer unchanged)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from aggregator.model_store import ModelStore as ServerModelStore
+    from aggregator.publish import publish_version
+
+    root = tmp_path_factory.mktemp("retrained") / "models"
+    shutil.copytree(edge_model, root / "1")
+    weights = load_file(str(edge_model / "weights.safetensors"))
+    rng = np.random.default_rng(0)
+    publish_version(ServerModelStore(root), parent=1, version=2,
+                    weights={k: v + rng.normal(scale=0.5, size=v.shape).astype(np.float32) for k, v in weights.items()})
+    return root / "2"
 
 
 def bump_version(source: Path, dest: Path, version: int) -> Path:

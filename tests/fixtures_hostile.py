@@ -38,6 +38,7 @@ class Reply:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()  # more headers (a Content-Length here replaces the body's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,10 @@ class HostileServer:
             return self._send_endless(handler, path, reply)
         handler.send_response(reply.status)
         handler.send_header("Content-Type", reply.content_type)
-        handler.send_header("Content-Length", str(len(reply.body)))
+        extra = dict(reply.headers)
+        handler.send_header("Content-Length", extra.pop("Content-Length", str(len(reply.body))))
+        for name, value in extra.items():
+            handler.send_header(name, value)
         handler.end_headers()
         try:
             handler.wfile.write(reply.body)

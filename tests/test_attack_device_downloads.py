@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from edge_runtime.version_check import SUGGESTION_FILES
 from fedkb_core.manifest import TRAINABLE_FILE, FileEntry, load_manifest, verify_files, write_manifest
 from fedkb_core.signing import ManifestSigner
 from tests.fixtures_edge import edge_model, text_file, user_lines  # noqa: F401
@@ -59,8 +60,12 @@ def test_huge_declared_sizes_and_endless_bodies_stay_within_the_limits(edge_mode
     assert server.requested("GET /v1/models/2/trainable.tflite") == []  # refused before a byte was fetched
     assert server.sent.get("/v1/models/3/trainable.tflite", 0) < 32 * MiB  # read up to 2 MiB, then hung up
     assert home_bytes(home) < 2 * MiB  # v1 (~0.4 MB) and the example store; no partial download left
-    assert json.loads((home / "models" / "state.json").read_text())["current"] == 1
-    verify_files(home / "models" / "v1", load_manifest(home / "models" / "v1"))  # the old version is whole
+    # The keyboard follows v3 (its inference model and tokenizer are v1's, held already), but v3's
+    # trainable model, the endless one, never landed: its task was refused as a rejected model.
+    assert json.loads((home / "models" / "state.json").read_text()) == {"current": 3, "previous": 1}
+    assert not (home / "models" / "v3" / TRAINABLE_FILE).exists()
+    verify_files(home / "models" / "v3", load_manifest(home / "models" / "v3"), SUGGESTION_FILES)
+    verify_files(home / "models" / "v1", load_manifest(home / "models" / "v1"), SUGGESTION_FILES)  # whole, as held
     assert "Traceback" not in run.stderr
 
 

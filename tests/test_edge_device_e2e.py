@@ -23,6 +23,7 @@ from edge_runtime.client import RetryPolicy, ServerClient
 from edge_runtime.device import CREDENTIALS_FILE, CycleReport, Device, DeviceConfig, next_delay
 from edge_runtime.device_state import ScriptedDeviceState
 from edge_runtime.eligibility import EligibilityPolicy
+from edge_runtime.version_check import SUGGESTION_FILES
 from fedkb_core.durable import leftover_temps
 from fedkb_core.manifest import load_manifest, verify_files
 from tests.fixtures_aggregator import REPO, SECRET, ServeProcess, status, wait_for
@@ -148,9 +149,13 @@ def test_corrupted_model_download_is_rejected_and_the_old_model_kept(serve, prox
     (rejected,) = reports(fedkb_device(proxy.url, home, *flags))
     assert rejected["action"] == "model_rejected" and rejected["model_version"] == 2, rejected
     assert "trainable.tflite" in rejected["reasons"][0]
-    assert models_state(home) == {"current": 1, "previous": None}
-    verify_files(v1, load_manifest(v1))  # the old version is whole
-    assert not (home / "models" / "v2").exists() and no_leftovers(home)
+    # The keyboard follows version 2 (its check-in fetched the inference model, intact), but the
+    # corrupted trainable model never landed, and version 1 is whole.
+    v2 = home / "models" / "v2"
+    assert models_state(home) == {"current": 2, "previous": 1}
+    assert not (v2 / "trainable.tflite").exists() and no_leftovers(home)
+    verify_files(v2, load_manifest(v2), SUGGESTION_FILES)
+    verify_files(v1, load_manifest(v1))
     assert status(server.url)["totals"]["accepted"] == 1  # nothing trained on a model that failed its check
 
     (fixed,) = reports(fedkb_device(server.url, home, *flags))  # a clean network: the same task now works

@@ -11,9 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from edge_runtime.client import RetryPolicy, ServerClient, ServerError
 from edge_runtime.model_store import ModelRejected, ModelStore
@@ -21,19 +19,32 @@ from edge_runtime.suggester import LiveSuggester
 from fedkb_core.durable import leftover_temps, temp_path
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, TRAINABLE_FILE, FileEntry,
-                            load_manifest, sha256_file, verify_files)
+                            load_manifest, sha256_file, verify_files, write_manifest)
 from tests.fixtures_aggregator import ServerThread, server_overrides, wait_for
-from tests.fixtures_edge import FaultProxy, Typist, bump_version, edge_model, proxy  # noqa: F401
+from tests.fixtures_edge import FaultProxy, Typist, bump_version, edge_model, proxy, retrained  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def server(edge_model, tmp_path_factory):
-    """A real server whose current version is 2 (the device starts with version 1)."""
+def server(edge_model, retrained, tmp_path_factory):
+    """A real server whose current version is 2 (the device starts with version 1), every file of
+    which differs from version 1's, so a device holding version 1 downloads them all."""
     root = tmp_path_factory.mktemp("model_store_server")
-    srv = ServerThread(server_overrides(root / "state", bump_version(edge_model, root / "v2", 2),
+    srv = ServerThread(server_overrides(root / "state", other_tokenizer_bytes(retrained, root / "v2"),
                                         min_clients=1, goal_clients=5))
     yield srv
     srv.stop()
+
+
+def other_tokenizer_bytes(source: Path, dest: Path) -> Path:
+    """`source` with a tokenizer of other bytes but the same pieces: the SentencePiece protobuf
+    with an unknown field appended (field 100, varint 1), which the parser skips."""
+    shutil.copytree(source, dest)
+    (dest / TOKENIZER_FILE).write_bytes((source / TOKENIZER_FILE).read_bytes() + bytes([0xA0, 0x06, 0x01]))
+    manifest = load_manifest(dest)
+    entry = FileEntry(sha256_file(dest / TOKENIZER_FILE), (dest / TOKENIZER_FILE).stat().st_size)
+    write_manifest(dest, dataclasses.replace(manifest, files={**manifest.files, TOKENIZER_FILE: entry},
+                                             tokenizer_sha256=entry.sha256))
+    return dest
 
 
 @pytest.fixture
@@ -49,21 +60,6 @@ def store(tmp_path, edge_model) -> ModelStore:
     s = ModelStore(tmp_path / "models")
     s.install_local(edge_model)
     return s
-
-
-@pytest.fixture(scope="module")
-def retrained(edge_model, tmp_path_factory):
-    """Version 2 with other weights, published the way the server publishes (weights rewritten)."""
-    from aggregator.model_store import ModelStore as ServerModelStore
-    from aggregator.publish import publish_version
-
-    root = tmp_path_factory.mktemp("retrained") / "models"
-    shutil.copytree(edge_model, root / "1")
-    weights = load_file(str(edge_model / "weights.safetensors"))
-    rng = np.random.default_rng(0)
-    publish_version(ServerModelStore(root), parent=1, version=2,
-                    weights={k: v + rng.normal(scale=0.5, size=v.shape).astype(np.float32) for k, v in weights.items()})
-    return root / "2"
 
 
 def _leftovers(store: ModelStore) -> list[str]:
@@ -109,7 +105,7 @@ def test_update_fetches_the_newer_version_and_verifies_it(store, client, proxy, 
         assert sha256_file(store.root / "v2" / name) == sha256_file(served / name)
     assert _leftovers(store) == []
     downloads = [r for r in proxy.requests if r.startswith("GET /v1/models/2/") and not r.endswith(MANIFEST_FILE)]
-    assert len(downloads) == len(manifest.files)
+    assert len(downloads) == len(manifest.files)  # every file: none of them is one version 1 holds
 
     before = len(proxy.requests)
     assert store.update_if_newer(client) is None  # already current: only the manifest is asked for

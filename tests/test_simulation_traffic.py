@@ -64,3 +64,17 @@ def test_the_reports_bytes_are_what_the_phones_moved_over_the_wire(fleet_run):
     assert len(updates) == sum(r.participation.completed + r.participation.late for r in records)
     assert sum(r.bytes_uploaded for r in records) > sum(len(e.request.body) for e in updates)  # and check-ins
     assert records[0].traffic["devices"] == 0 and records[0].bytes_downloaded == 0  # round 0: no phone yet
+
+    # What the phones fetched: no inference model (they only train), each version's trainable model
+    # once per phone that trained on it, the tokenizer once per phone (later versions link it).
+    paths = [e.request.path for e in rounds if e.request.method == "GET"]
+    assert not [p for p in paths if p.endswith("/inference.tflite")]
+    trainables = [p for p in paths if p.endswith("/trainable.tflite")]
+    assert len(trainables) == len(updates)  # one per job: a phone trains on each version once at most
+    trained = {_authorization(e.request.head) for e in updates}
+    assert len([p for p in paths if p.endswith("/tokenizer.model")]) == len(trained) > 1
+
+
+def _authorization(head: bytes) -> bytes:
+    (line,) = [line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization:")]
+    return line

@@ -1,8 +1,10 @@
 """Model downloads: the latest manifest, and every file of every published version with an ETag.
 
 A version's files never change after publishing, so they are served with their manifest sha256
-as a strong ETag and a long cache lifetime; `If-None-Match` answers 304 and `Range` works.
-`manifest.sig` (the manifest's Ed25519 signature) is served beside every manifest, and
+as a strong ETag and a long cache lifetime; `If-None-Match` answers 304 and `Range` works. The
+manifests (`latest` and each version's) carry the sha256 of their bytes as ETag, so a device
+that holds the current one asks with `If-None-Match` and gets a 304 without a body.
+`manifest.sig` (the manifest's Ed25519 signature, ETag its sha256) is served beside every manifest, and
 `/v1/models/signing-key` gives the public key a device pins when its app ships none.
 """
 
@@ -58,7 +60,10 @@ def model_file(version: int, filename: str):
     if filename == MANIFEST_FILE:
         return _manifest_response(version)
     if filename == SIGNATURE_FILE:
-        return Response(store.signature_bytes(version), mimetype="application/json")
+        body = store.signature_bytes(version)
+        response = Response(body, mimetype="application/json")
+        response.set_etag(sha256_bytes(body))
+        return response.make_conditional(request)
     entry = store.manifest(version).files.get(filename)
     if entry is None:
         raise NotFound(f"version {version} has no file {filename!r}", code="unknown_file")
