@@ -52,7 +52,8 @@ from edge_runtime.bounds import DownloadLimits
 from edge_runtime.client import BadReply, DownloadTooLarge
 from edge_runtime.version_check import InconsistentVersion, check_complete, check_consistent
 from fedkb_core.errors import FedkbError
-from fedkb_core.durable import atomic_folder, atomic_write_json, fsync_dir, fsync_file, remove_temps, temp_path
+from fedkb_core.durable import (atomic_folder, atomic_link, atomic_write_json, fsync_dir, fsync_file, remove_temps,
+                                temp_path)
 from fedkb_core.manifest import (MANIFEST_FILE, TOKENIZER_FILE, Manifest, ManifestError, load_manifest, sha256_bytes,
                                  verify_files)
 from fedkb_core.signing import SIGNATURE_FILE, SignatureError, TrustedKeys
@@ -327,9 +328,7 @@ class ModelStore:
                     for name in names:
                         if not (add_to / name).exists():
                             fsync_file(staging / name)
-                            link = temp_path(add_to / name)
-                            os.link(staging / name, link)  # a verified, durable file appears under its name
-                            os.replace(link, add_to / name)
+                            atomic_link(staging / name, add_to / name)  # a verified, durable file appears
                     fsync_dir(add_to)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -68,6 +68,20 @@ def temp_path(path: Path | str) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
 
 
+def atomic_link(source: Path | str, dest: Path | str) -> None:
+    """Make `dest` a hard link to the file at `source` in one step, replacing what was there:
+    readers see the old file or the new one, never neither (a temporary link renamed over it).
+    Callers that need it durable fsync the folder afterwards (`fsync_dir`)."""
+    dest = Path(dest)
+    link = temp_path(dest)
+    os.link(source, link)
+    try:
+        os.replace(link, dest)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+
+
 def leftover_temps(folder: Path | str, name: str = "*") -> list[Path]:
     """Temporaries (files or folders) in `folder` that a killed writer left, for `name` or any."""
     folder = Path(folder)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedkb_core.durable import temp_path
+from fedkb_core.durable import atomic_link
 from fedkb_core.manifest import ManifestError, load_manifest
 
 
@@ -37,11 +37,8 @@ def share(store_root: Path | str, pool: Path | str) -> None:
             except OSError:  # a file this device does not hold, or a filesystem without links
                 continue
             try:
-                if os.path.samefile(path, shared):
-                    continue
-                link = temp_path(path)
-                os.link(shared, link)
-                os.replace(link, path)
+                if not os.path.samefile(path, shared):
+                    atomic_link(shared, path)
             except OSError:  # pruned meanwhile: the device keeps its own copy
                 continue
 
