@@ -50,7 +50,6 @@ class AggregatorConfig(TrainingConfig):
 
     # What a task asks of a device, beyond TrainingConfig's.
     device_batch_size: int | None = None  # None: the model's static B; anything else must equal it
-    encoding: str = "float32"
 
     # Limits and pacing.
     max_body_bytes: int | None = None  # None: derived from the model (float32 update + header)
@@ -77,8 +76,6 @@ class AggregatorConfig(TrainingConfig):
     log_json: bool = True
 
     def __post_init__(self):
-        from fedkb_core.wire import ENCODINGS  # here, so `fedkb --help` does not load numpy
-
         super().__post_init__()  # resolves the derived defaults (min_clients, server_lr)
 
         # Absolute: Flask's send_file resolves a relative path against the app's package folder,
@@ -97,8 +94,6 @@ class AggregatorConfig(TrainingConfig):
             problems.append(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
         if self.device_batch_size is not None and self.device_batch_size < 1:
             problems.append(f"device_batch_size must be >= 1, got {self.device_batch_size}")
-        if self.encoding not in ENCODINGS:
-            problems.append(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if self.max_body_bytes is not None and self.max_body_bytes < 1024:
             problems.append(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_connections < 1 or self.keep_alive < 1:

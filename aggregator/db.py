@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     batch_size INTEGER NOT NULL,
     max_examples INTEGER NOT NULL,
     encoding TEXT NOT NULL,
+    update_bits INTEGER,
+    rotation_seed INTEGER,
     assigned INTEGER NOT NULL DEFAULT 0,
     accepted INTEGER NOT NULL DEFAULT 0,
     folded INTEGER NOT NULL DEFAULT 0,
@@ -145,7 +147,8 @@ def init_db(state_dir: Path) -> None:
 _ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL")),
                   "rounds": (("dp_noise_multiplier", "REAL"), ("dp_update_noise_multiplier", "REAL"),
                              ("dp_clipped_count_stddev", "REAL"), ("dp_denominator", "INTEGER"),
-                             ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"))}
+                             ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"),
+                             ("update_bits", "INTEGER"), ("rotation_seed", "INTEGER"))}
 
 
 def _add_missing_columns(conn) -> None:

@@ -42,6 +42,7 @@ from aggregator.fedavg import ClippedSum, WeightedSum
 from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord, state_after_quarantine
+from fedkb_core.update_encoding import HADAMARD, clip_inflation
 from fedkb_core.wire import UpdateRejected, WeightSpec, decode_update
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,20 @@ class FolderLock:
             self._fd = None
 
 
+def _decoded_norm_allowance(round_: RoundRecord) -> float:
+    """How far above the clip norm the server re-clips a decoded update of a round without DP.
+
+    Stochastic rounding adds unbiased noise that lengthens an update the device clipped to C;
+    re-clipping that at C would shrink every clipped update and bias the mean (by ~4x at 1 bit).
+    Without DP the server's clip only bounds a hostile device's influence, so it allows the
+    quantizer's own inflation (`clip_inflation`, 1.0005 at 8 bits). With DP the clip is the
+    sensitivity the noise is calibrated to and stays at C (docs/architecture.md, "Compressed updates").
+    """
+    if round_.encoding == HADAMARD and round_.update_bits is not None:
+        return clip_inflation(round_.update_bits)
+    return 1.0
+
+
 class RoundSum:
     """A round's running sum plus the id of the last update folded into it.
 
@@ -143,7 +158,7 @@ class RoundSum:
                                          noise_multiplier=round_.dp_update_noise_multiplier,
                                          denominator=round_.dp_denominator)
         else:
-            self.clipped = ClippedSum(self.total, round_.clip_norm)
+            self.clipped = ClippedSum(self.total, round_.clip_norm * _decoded_norm_allowance(round_))
         self.last_folded_id = last_folded_id
         self.unclipped = unclipped
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import secrets
 
 from aggregator.adaptive_clipping import update_noise_multiplier
 from fedkb_core.protocol import CheckinResponse, RoundTask
+from fedkb_core.update_encoding import HADAMARD, UpdateEncoding
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
 ACTIVE_STATES = (OPEN, CLOSING)
@@ -37,6 +39,8 @@ class RoundRecord:
     batch_size: int
     max_examples: int
     encoding: str
+    update_bits: int | None = None  # hadamard only
+    rotation_seed: int | None = None  # hadamard only: drawn from the OS's CSPRNG at opening
     assigned: int = 0
     accepted: int = 0
     folded: int = 0
@@ -68,7 +72,12 @@ class RoundRecord:
         return RoundTask(round_id=self.id, model_version=self.model_version, learning_rate=self.learning_rate,
                          epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples,
                          clip_norm=self.clip_norm, deadline=self.deadline, encoding=self.encoding,
-                         report_by=report_by)
+                         update_bits=self.update_bits, rotation_seed=self.rotation_seed, report_by=report_by)
+
+    @property
+    def update_encoding(self) -> UpdateEncoding:
+        """What this round's uploads must be in (the server rejects anything else)."""
+        return UpdateEncoding(self.encoding, self.update_bits, self.rotation_seed)
 
     def accepting(self, now: float) -> bool:
         """Whether an upload arriving now may still count."""
@@ -88,12 +97,21 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
                     min_clients=config.min_clients, goal_clients=config.goal_clients,
                     max_assigned=config.max_assigned, clip_norm=config.clip_norm, learning_rate=config.device_lr,
                     epochs=config.device_epochs, batch_size=batch_size, max_examples=config.device_max_examples,
-                    encoding=config.encoding)
+                    **update_encoding_settings(config))
     if config.dp_enabled:
         settings.update(privacy_settings(config))
         if config.dp_adaptive_clipping and previous is not None and previous.dp_next_clip_norm is not None:
             settings["clip_norm"] = previous.dp_next_clip_norm
     return settings
+
+
+def update_encoding_settings(config) -> dict:
+    """A round's upload encoding; a `hadamard` round's rotation seed is 63 bits of the OS's CSPRNG,
+    stored with the round (same INSERT, as durable as the round), so no device can prepare an
+    update for a rotation it knows in advance, and a restarted server decodes with the same seed."""
+    if config.update_encoding != HADAMARD:
+        return dict(encoding=config.update_encoding)
+    return dict(encoding=HADAMARD, update_bits=config.update_bits, rotation_seed=secrets.randbits(63))
 
 
 def privacy_settings(config) -> dict:

@@ -104,7 +104,7 @@ def child_main(model_dir: Path, tokens_path: Path, threads: int, max_examples: i
     from edge_runtime.trainer import TrainingJob
     from fedkb_core.clipping import global_norm
     from fedkb_core.protocol import DeviceState, RoundTask
-    from fedkb_core.wire import ENCODINGS, UpdateMetadata, decode_update, encode_update
+    from fedkb_core.wire import UpdateMetadata, decode_update, encode_update
 
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
     assert not heavy, f"the device child imported {heavy[:3]}"
@@ -142,13 +142,15 @@ def child_main(model_dir: Path, tokens_path: Path, threads: int, max_examples: i
 
     encodings = {}
     reference = global_norm(update.deltas)
-    for encoding in ENCODINGS:
+    # bench/bench_compression.py measures the hadamard encoding at every b; 8 bits here as the reference.
+    for encoding, bits, seed in (("float32", None, None), ("float16", None, None), ("hadamard", 8, 1)):
         meta = UpdateMetadata(round_id=1, model_version=1, device_id="bench", num_examples=update.num_examples,
-                              clip_norm=update.clip_norm, update_norm=update.update_norm, encoding=encoding)
+                              clip_norm=update.clip_norm, update_norm=update.update_norm, encoding=encoding,
+                              update_bits=bits, rotation_seed=seed)
         body = encode_update(update.deltas, meta)
         decoded = decode_update(body, list(model.manifest.weights)).deltas
         error = global_norm({k: decoded[k] - update.deltas[k] for k in decoded}) / reference
-        encodings[encoding] = {"bytes": len(body), "relative_l2_error": error}
+        encodings[encoding if bits is None else f"{encoding}{bits}"] = {"bytes": len(body), "relative_l2_error": error}
     return {
         "threads": threads, "num_parameters": sum(s.size for s in model.manifest.weights),
         "batch_size": model.batch_size, "seq_len": model.seq_len, "examples": update.num_examples,

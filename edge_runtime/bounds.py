@@ -21,7 +21,7 @@ from typing import Any
 
 from fedkb_core.errors import FedkbError
 from fedkb_core.protocol import RoundTask
-from fedkb_core.wire import ENCODINGS
+from fedkb_core.update_encoding import ENCODINGS, UpdateEncoding
 
 MiB = 1 << 20
 _MAX_ID = 2 ** 63 - 1  # round ids and versions end up in SQLite and in file names
@@ -102,6 +102,8 @@ def task_problems(task: RoundTask, bounds: TaskBounds) -> list[str]:
         problems.append(f"deadline {task.deadline!r} is not a finite time")
     if task.encoding not in bounds.encodings:
         problems.append(f"encoding {task.encoding!r} is not one of {', '.join(bounds.encodings)}")
+    else:
+        problems += UpdateEncoding(task.encoding, task.update_bits, task.rotation_seed).problems()
     return problems
 
 

@@ -331,7 +331,7 @@ class Device:
         body = encode_update(update.deltas, UpdateMetadata(
             round_id=task.round_id, model_version=task.model_version, device_id=self.device_id,
             num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
-            encoding=task.encoding))
+            encoding=task.encoding, update_bits=task.update_bits, rotation_seed=task.rotation_seed))
         self._keep_in_outbox(task, body, up_to)
         report = dict(num_examples=update.num_examples, update_norm=update.update_norm, upload_bytes=len(body),
                       steps=outcome.steps_run, mean_loss=update.mean_loss, **where)

@@ -137,6 +137,10 @@ class RoundTask:
     clip_norm: float
     deadline: float  # unix seconds; uploads after it are refused
     encoding: str = "float32"
+    # hadamard only: bits per coordinate, and the round's rotation seed (drawn by the server from
+    # the OS's CSPRNG when the round opens). Absent for the float encodings.
+    update_bits: int | None = None
+    rotation_seed: int | None = None
     # unix seconds (<= deadline); past it without an upload, the server may give the task's slot
     # to another device, and an upload then gets 409 `task_expired`. Absent from older servers.
     report_by: float | None = None
@@ -154,6 +158,8 @@ class RoundTask:
             clip_norm=_require(body, "clip_norm", float, where=w),
             deadline=_require(body, "deadline", float, where=w),
             encoding=_require(body, "encoding", str, where=w, optional=True, default="float32"),
+            update_bits=_require(body, "update_bits", int, where=w, optional=True),
+            rotation_seed=_require(body, "rotation_seed", int, where=w, optional=True),
             report_by=_require(body, "report_by", float, where=w, optional=True),
         )
 

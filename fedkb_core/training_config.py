@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fedkb_core.update_encoding import DEFAULT_BITS, HADAMARD, UpdateEncoding
+
 # The server learning rate when none is given, by optimizer: FedAdam's measured 0.03 (Reddi et al.,
 # 2021), and 1.0 for SGD, which without momentum is plain FedAvg.
 SERVER_LR = {"adam": 0.03, "sgd": 1.0}
@@ -41,6 +43,12 @@ class TrainingConfig:
     device_lr: float = 1.0
     device_epochs: int = 1
     device_max_examples: int = 64
+
+    # How devices upload (docs/architecture.md, "Compressed updates"): float32 (exact), float16, or
+    # hadamard: a randomized Hadamard rotation with a per-round seed, then unbiased stochastic
+    # rounding to update_bits (1..8; None: 8) bits per coordinate.
+    update_encoding: str = "float32"
+    update_bits: int | None = None
 
     # User-level differential privacy (issue 14; docs/architecture.md, "Differential privacy").
     # DP-FedAvg (McMahan et al., 2018) is on when dp_noise_multiplier (Z) is set: every update
@@ -73,6 +81,8 @@ class TrainingConfig:
             object.__setattr__(self, "min_clients", max(1, self.goal_clients // 2))
         if self.server_lr is None and self.server_optimizer in SERVER_LR:
             object.__setattr__(self, "server_lr", SERVER_LR[self.server_optimizer])
+        if self.update_bits is None and self.update_encoding == HADAMARD:
+            object.__setattr__(self, "update_bits", DEFAULT_BITS)
 
     def training_problems(self) -> list[str]:
         """What is out of range, one message per setting (empty when valid)."""
@@ -100,6 +110,7 @@ class TrainingConfig:
             problems.append("server_momentum applies to server_optimizer sgd (FedAvgM) only")
         if self.device_epochs < 1 or self.device_max_examples < 1:
             problems.append("device_epochs and device_max_examples must be >= 1")
+        problems += UpdateEncoding(self.update_encoding, self.update_bits).problems(needs_seed=False)
         return problems + self.privacy_problems()
 
     @property
@@ -210,6 +221,7 @@ _DERIVED_HELP = {
     "dp_delta": "1 / dp_population**1.1",
     "dp_target_epsilon": "none, no budget",
     "dp_tree_restart_period": "none, one tree",
+    "update_bits": f"{DEFAULT_BITS} with hadamard",
 }
 
 

@@ -3,11 +3,15 @@
 An update is `local_weights - global_weights` by weight name, with string metadata (round,
 model version, device, number of examples, clip norm, update norm, encoding). safetensors
 carries no pickle, so a hostile body can at worst be rejected. The header is parsed and checked
-against the expected weight layout *before* any tensor data is read, and every rejection names
-its reason with a stable code the server reports over HTTP.
+against the expected weight layout (and the encoding the task asked for) *before* any tensor
+data is read, and every rejection names its reason with a stable code the server reports over HTTP.
 
-Encodings: `float32` (exact), `float16` (half the bytes), `int8` (a quarter; symmetric per-tensor
-scale carried in the metadata). Decoding always yields float32.
+Encodings (fedkb_core/update_encoding.py): `float32` (exact) and `float16` (half the bytes) carry
+one tensor per weight. `hadamard` carries two tensors whatever the model: `levels` (uint8, the
+b-bit levels of the rotated, concatenated update, bit-packed) and `scales` (float32, one per
+rotated block), with `update_bits`, `rotation_seed`, `hadamard_length` (coordinates before
+padding) and `hadamard_block` in the metadata. Weights are concatenated in name order. Decoding
+always yields float32.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from fedkb_core import bitpack, hadamard, stochastic_rounding
 from fedkb_core.protocol import INT64_MAX
+from fedkb_core.update_encoding import ENCODINGS, HADAMARD, MAX_BITS, MIN_BITS, UpdateEncoding
 
-ENCODINGS = ("float32", "float16", "int8")
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
+_ST_DTYPES = {"float32": "F32", "float16": "F16"}
+LEVELS, SCALES = "levels", "scales"  # the tensors of a `hadamard` update
 _MAX_HEADER_BYTES = 1 << 20
 
 # Canonical forms, ASCII only (`[0-9]`, never `\d`, which also matches other scripts' digits):
@@ -72,6 +78,12 @@ class UpdateMetadata:
     clip_norm: float
     update_norm: float  # L2 norm before the device clipped
     encoding: str = "float32"
+    update_bits: int | None = None  # hadamard only
+    rotation_seed: int | None = None  # hadamard only: the round's
+
+    @property
+    def update_encoding(self) -> UpdateEncoding:
+        return UpdateEncoding(self.encoding, self.update_bits, self.rotation_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,29 +94,42 @@ class ClientUpdate:
     deltas: dict[str, np.ndarray]
 
 
-def _quantize_int8(t: np.ndarray) -> tuple[np.ndarray, float]:
-    peak = float(np.max(np.abs(t))) if t.size else 0.0
-    scale = peak / 127.0 if peak > 0 else 1.0
-    return np.clip(np.rint(t / scale), -127, 127).astype(np.int8), scale
+def _flatten(deltas: dict[str, np.ndarray]) -> np.ndarray:
+    """All weights as one float32 vector, in name order (the order of the server's sum)."""
+    return np.concatenate([np.ravel(np.asarray(deltas[name], np.float32)) for name in sorted(deltas)])
 
 
-def encode_update(deltas: dict[str, np.ndarray], metadata: UpdateMetadata) -> bytes:
-    """Serialize deltas (float32 arrays by weight name) in the metadata's encoding."""
-    if metadata.encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {metadata.encoding!r}; expected one of {ENCODINGS}")
-    tensors, scales = {}, {}
-    for name, t in deltas.items():
-        t = np.ascontiguousarray(t, dtype=np.float32)
-        if metadata.encoding == "float16":
-            tensors[name] = t.astype(np.float16)
-        elif metadata.encoding == "int8":
-            tensors[name], scales[name] = _quantize_int8(t)
-        else:
-            tensors[name] = t
-    meta = {k: str(v) for k, v in dataclasses.asdict(metadata).items()}
-    if scales:
-        meta["int8_scales"] = json.dumps(scales)
-    return _st_save(tensors, metadata=meta)
+def _encode_hadamard(deltas: dict[str, np.ndarray], metadata: UpdateMetadata,
+                     rng: np.random.Generator) -> tuple[dict, dict]:
+    flat = _flatten(deltas)
+    levels, scales = stochastic_rounding.quantize(hadamard.rotate(flat, metadata.rotation_seed),
+                                                  metadata.update_bits, rng)
+    tensors = {LEVELS: bitpack.pack(levels.reshape(-1), metadata.update_bits), SCALES: scales}
+    return tensors, {"hadamard_length": str(flat.size), "hadamard_block": str(hadamard.BLOCK)}
+
+
+def encode_update(deltas: dict[str, np.ndarray], metadata: UpdateMetadata, *,
+                  rng: np.random.Generator | None = None) -> bytes:
+    """Serialize deltas (float32 arrays by weight name) in the metadata's encoding.
+
+    Args:
+        rng: the stochastic rounding's randomness (`hadamard`); None: fresh OS entropy.
+
+    Raises:
+        ValueError: the metadata's encoding (with its bits and seed) is not a valid request.
+    """
+    problems = metadata.update_encoding.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    extra = {}
+    if metadata.encoding == HADAMARD:
+        tensors, extra = _encode_hadamard(deltas, metadata, rng or np.random.default_rng())
+    else:
+        dtype = np.float16 if metadata.encoding == "float16" else np.float32
+        tensors = {name: np.ascontiguousarray(t, dtype=np.float32).astype(dtype, copy=False)
+                   for name, t in deltas.items()}
+    meta = {k: str(v) for k, v in dataclasses.asdict(metadata).items() if v is not None}
+    return _st_save(tensors, metadata={**meta, **extra})
 
 
 def parse_decimal(text: object) -> int:
@@ -197,9 +222,12 @@ def read_header(body: bytes) -> tuple[dict, dict[str, str], int]:
     return header, metadata, 8 + n
 
 
+_OPTIONAL_FIELDS = ("update_bits", "rotation_seed")  # hadamard's
+
+
 def _parse_metadata(raw: dict[str, str]) -> UpdateMetadata:
     fields = {f.name: f.type for f in dataclasses.fields(UpdateMetadata)}
-    missing = [k for k in fields if k not in raw]
+    missing = [k for k in fields if k not in raw and k not in _OPTIONAL_FIELDS]
     if missing:
         raise UpdateRejected("malformed_update", f"metadata lacks {', '.join(missing)}")
     try:
@@ -215,28 +243,118 @@ def _parse_metadata(raw: dict[str, str]) -> UpdateMetadata:
             clip_norm=parse_float(raw["clip_norm"]),
             update_norm=parse_float(raw["update_norm"]),
             encoding=str(raw["encoding"]),
+            **{k: parse_decimal(raw[k]) for k in _OPTIONAL_FIELDS if k in raw},
         )
     except (TypeError, ValueError) as err:
         raise UpdateRejected("malformed_update", f"metadata has a value of the wrong type ({err})") from None
     if meta.encoding not in ENCODINGS:
         raise UpdateRejected("bad_encoding", f"unknown encoding {meta.encoding!r}; expected one of {ENCODINGS}")
+    if meta.encoding == HADAMARD:
+        if meta.update_bits is None or meta.rotation_seed is None:
+            raise UpdateRejected("malformed_update", f"a {HADAMARD} update needs update_bits and rotation_seed")
+        if not MIN_BITS <= meta.update_bits <= MAX_BITS:
+            raise UpdateRejected("bad_bits", f"update_bits must be in {MIN_BITS}..{MAX_BITS}, got {meta.update_bits}")
+    elif meta.update_bits is not None or meta.rotation_seed is not None:
+        raise UpdateRejected("malformed_update", f"update_bits and rotation_seed belong to {HADAMARD} updates only")
     return meta
 
 
-def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | None = None) -> ClientUpdate:
+def _check_requested(meta: UpdateMetadata, expected: UpdateEncoding) -> None:
+    """The update is in the encoding the task asked for: name, bits and this round's seed."""
+    if meta.encoding != expected.name:
+        raise UpdateRejected("encoding_mismatch", f"update is {meta.encoding}, the task asked for {expected.name}")
+    if meta.update_bits != expected.bits:
+        raise UpdateRejected("bits_mismatch", f"update has {meta.update_bits} bits, the task asked for {expected.bits}")
+    if meta.rotation_seed != expected.rotation_seed:
+        raise UpdateRejected("seed_mismatch", "update was rotated with a seed that is not this round's")
+
+
+def _check_hadamard_header(header: dict, raw_meta: dict[str, str], meta: UpdateMetadata, length: int) -> None:
+    """The two tensors of a `hadamard` update have exactly the shapes its bits and length give."""
+    try:
+        claimed = parse_decimal(raw_meta.get("hadamard_length"))
+        block = parse_decimal(raw_meta.get("hadamard_block"))
+    except ValueError:
+        raise UpdateRejected("malformed_update", "a hadamard update needs hadamard_length and hadamard_block") from None
+    if claimed != length:
+        raise UpdateRejected("length_mismatch", f"update has {claimed} coordinates, the model has {length}")
+    if block != hadamard.BLOCK:
+        raise UpdateRejected("malformed_update", f"rotation blocks of {block}, expected {hadamard.BLOCK}")
+    if set(header) != {LEVELS, SCALES}:
+        raise UpdateRejected("weight_mismatch", f"a hadamard update holds the tensors {LEVELS!r} and {SCALES!r}, "
+                                                f"got {sorted(header)[:10]}")
+    want = {LEVELS: ("U8", [bitpack.packed_size(hadamard.padded_length(length), meta.update_bits)]),
+            SCALES: ("F32", [hadamard.num_blocks(length)])}
+    for name, (dtype, shape) in want.items():
+        if header[name]["dtype"] != dtype or header[name]["shape"] != shape:
+            raise UpdateRejected("length_mismatch", f"tensor {name!r} is {header[name]['dtype']} "
+                                                    f"{header[name]['shape']}, {meta.update_bits} bits of {length} "
+                                                    f"coordinates need {dtype} {shape}")
+
+
+def _decode_hadamard(tensors: dict, meta: UpdateMetadata, specs: list[WeightSpec]) -> dict[str, np.ndarray]:
+    scales = tensors[SCALES]
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise UpdateRejected("non_finite", "a hadamard update's scales must be finite and >= 0")
+    length = sum(s.size for s in specs)
+    padded = hadamard.padded_length(length)
+    try:
+        levels = bitpack.unpack(tensors[LEVELS], meta.update_bits, padded)
+    except ValueError as err:
+        raise UpdateRejected("malformed_update", f"levels are not {meta.update_bits}-bit packed ({err})") from None
+    values = stochastic_rounding.dequantize(levels.reshape(-1, hadamard.BLOCK), scales, meta.update_bits)
+    flat = hadamard.unrotate(values, meta.rotation_seed, length)
+    deltas, offset = {}, 0
+    for spec in sorted(specs, key=lambda s: s.name):
+        deltas[spec.name] = flat[offset: offset + spec.size].reshape(spec.shape)
+        offset += spec.size
+    return deltas
+
+
+def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | None = None,
+                  expected: UpdateEncoding | None = None) -> ClientUpdate:
     """Validate and decode an update against the expected weight layout.
 
+    Args:
+        expected: the encoding the task asked for (None: any valid one, e.g. a blob accepted already).
+
     Raises:
-        UpdateRejected: with code `malformed_update`, `bad_encoding`, `weight_mismatch`,
-            `bad_num_examples` or `non_finite`.
+        UpdateRejected: with code `malformed_update`, `bad_encoding`, `bad_bits`, `encoding_mismatch`,
+            `bits_mismatch`, `seed_mismatch`, `length_mismatch`, `weight_mismatch`, `bad_num_examples`
+            or `non_finite`.
     """
     header, raw_meta, data_start = read_header(body)
     meta = _parse_metadata(raw_meta)
+    if expected is not None:
+        _check_requested(meta, expected)
     if meta.num_examples <= 0:
         raise UpdateRejected("bad_num_examples", f"num_examples must be positive, got {meta.num_examples}")
     if max_examples is not None and meta.num_examples > max_examples:
         raise UpdateRejected("bad_num_examples", f"num_examples {meta.num_examples} exceeds the task's {max_examples}")
+    if not (math.isfinite(meta.update_norm) and meta.update_norm >= 0 and math.isfinite(meta.clip_norm)):
+        raise UpdateRejected("malformed_update", "update_norm and clip_norm must be finite")
 
+    if meta.encoding == HADAMARD:
+        _check_hadamard_header(header, raw_meta, meta, sum(s.size for s in specs))
+    else:
+        _check_weight_header(header, meta, specs)
+    try:
+        tensors = _st_load(body)
+    except Exception as err:  # safetensors raises its own error types for truncated data
+        raise UpdateRejected("malformed_update", f"tensor data is unreadable ({err})") from None
+    if meta.encoding == HADAMARD:
+        return ClientUpdate(metadata=meta, deltas=_decode_hadamard(tensors, meta, specs))
+    deltas = {}
+    for spec in specs:
+        t = tensors[spec.name].astype(np.float32, copy=False)  # float32 arrays are already fresh copies
+        if not np.all(np.isfinite(t)):
+            raise UpdateRejected("non_finite", f"tensor {spec.name!r} contains NaN or infinity")
+        deltas[spec.name] = t
+    return ClientUpdate(metadata=meta, deltas=deltas)
+
+
+def _check_weight_header(header: dict, meta: UpdateMetadata, specs: list[WeightSpec]) -> None:
+    """One tensor per weight, of its shape, in the encoding's dtype."""
     expected = {s.name: s for s in specs}
     names = set(header)
     if names != set(expected):
@@ -249,28 +367,3 @@ def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | N
             raise UpdateRejected("weight_mismatch", f"tensor {name!r} has shape {tuple(info['shape'])}, expected {spec.shape}")
         if info["dtype"] != want_dtype:
             raise UpdateRejected("weight_mismatch", f"tensor {name!r} is {info['dtype']}, but encoding {meta.encoding} needs {want_dtype}")
-
-    try:
-        tensors = _st_load(body)
-    except Exception as err:  # safetensors raises its own error types for truncated data
-        raise UpdateRejected("malformed_update", f"tensor data is unreadable ({err})") from None
-
-    scales = {}
-    if meta.encoding == "int8":
-        try:
-            scales = {k: float(v) for k, v in json.loads(raw_meta.get("int8_scales", "")).items()}
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-            raise UpdateRejected("malformed_update", "int8 update lacks a valid int8_scales map") from None
-        if set(scales) != names or not all(math.isfinite(s) and s > 0 for s in scales.values()):
-            raise UpdateRejected("malformed_update", "int8_scales must give a positive finite scale for every tensor")
-    deltas = {}
-    for spec in specs:
-        t = tensors[spec.name].astype(np.float32, copy=False)  # float32 arrays are already fresh copies
-        if meta.encoding == "int8":
-            t *= np.float32(scales[spec.name])
-        if not np.all(np.isfinite(t)):
-            raise UpdateRejected("non_finite", f"tensor {spec.name!r} contains NaN or infinity")
-        deltas[spec.name] = t
-    if not (math.isfinite(meta.update_norm) and meta.update_norm >= 0 and math.isfinite(meta.clip_norm)):
-        raise UpdateRejected("malformed_update", "update_norm and clip_norm must be finite")
-    return ClientUpdate(metadata=meta, deltas=deltas)

@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 
 # The differential-privacy settings a fleet passes to its server (TrainingConfig's dp_* fields).
 PRIVACY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingConfig) if f.name.startswith("dp_"))
+# How devices upload (`fedkb serve`'s --update-encoding and --update-bits).
+UPDATE_FIELDS = ("update_encoding", "update_bits")
 
-__all__ = ["POLICY", "PRIVACY_FIELDS", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
+__all__ = ["POLICY", "PRIVACY_FIELDS", "UPDATE_FIELDS", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,8 @@ class FleetConfig:
     dp_population: int | None = TRAINING.dp_population
     dp_delta: float | None = TRAINING.dp_delta
     dp_target_epsilon: float | None = TRAINING.dp_target_epsilon
+    update_encoding: str = TRAINING.update_encoding
+    update_bits: int | None = TRAINING.update_bits
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)
@@ -130,7 +134,7 @@ def serve_arguments(config: FleetConfig) -> list[str]:
             "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
             "--device-lr", str(config.device_lr), "--device-epochs", str(config.device_epochs),
             "--device-max-examples", str(config.max_examples)]
-    for name in PRIVACY_FIELDS:
+    for name in UPDATE_FIELDS + PRIVACY_FIELDS:
         value = getattr(config, name)
         if value is True:
             args.append(_flag(name))

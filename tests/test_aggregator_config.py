@@ -29,9 +29,9 @@ def test_layers_defaults_file_env_overrides(tmp_path):
 
 def test_toml_file(tmp_path):
     file = tmp_path / "server.toml"
-    file.write_text('goal_clients = 12\nencoding = "float16"\ntesting = true\n')
+    file.write_text('goal_clients = 12\nupdate_encoding = "hadamard"\nupdate_bits = 4\ntesting = true\n')
     config = load_config(file=file, environ={})
-    assert (config.goal_clients, config.encoding, config.testing) == (12, "float16", True)
+    assert (config.goal_clients, config.update_encoding, config.update_bits, config.testing) == (12, "hadamard", 4, True)
 
 
 def test_secrets_are_required_outside_testing():
@@ -44,7 +44,11 @@ def test_secrets_are_required_outside_testing():
     ({"goal_clients": 1, "min_clients": 2}, "goal_clients"),
     ({"over_selection": 0.9}, "over_selection"),
     ({"server_momentum": 1.0}, "server_momentum"),
-    ({"encoding": "bf16"}, "encoding"),
+    ({"update_encoding": "bf16"}, "update encoding must be one of"),
+    ({"update_encoding": "int8"}, "update encoding must be one of"),  # removed: biased (docs/architecture.md)
+    ({"update_encoding": "hadamard", "update_bits": 9}, "update bits must be an integer in 1..8"),
+    ({"update_encoding": "hadamard", "update_bits": 0}, "update bits must be an integer in 1..8"),
+    ({"update_bits": 4}, "update bits apply to the hadamard encoding only"),
     ({"clip_norm": "abc"}, "clip_norm"),
     ({"goal_clients": 2.5}, "not an integer"),
     ({"nonsense": 1}, "unknown setting 'nonsense'"),

@@ -272,7 +272,7 @@ def _write_accepted(state, conn, round_, device_id, body, n):
                       body_sha256=device_id, size=len(body), blob=str(blob.relative_to(state)))
 
 
-@pytest.mark.parametrize("encoding", ["float16", "int8"])
+@pytest.mark.parametrize("encoding", ["float16", "hadamard"])
 def test_folder_decodes_other_encodings_like_the_device_path(round_db, encoding):
     """Float32 blobs are added as one vector; other encodings go through decode_update: same sum."""
     state, conn, round_ = round_db
@@ -280,7 +280,8 @@ def test_folder_decodes_other_encodings_like_the_device_path(round_db, encoding)
     for i in range(3):
         deltas, n = random_deltas(TINY_SHAPES, 70 + i, scale=0.5), 4 + i
         meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id=f"e{i}", num_examples=n, clip_norm=0.8,
-                              update_norm=0.0, encoding=encoding if i else "float32")
+                              update_norm=0.0, encoding=encoding if i else "float32",
+                              **(dict(update_bits=3, rotation_seed=99) if i and encoding == "hadamard" else {}))
         body = encode_update(deltas, meta)
         _write_accepted(state, conn, round_, f"e{i}", body, n)
         reference.append((decode_update(body, SPECS).deltas, n))

@@ -60,9 +60,9 @@ def test_retry_after_is_clamped(asked, given):
 
 
 def test_limits_come_from_one_flat_json_object():
-    downloads, task = limits_from_json({"max_file_bytes": 1024, "max_epochs": 3, "encodings": ["int8"]})
+    downloads, task = limits_from_json({"max_file_bytes": 1024, "max_epochs": 3, "encodings": ["float16"]})
     assert (downloads.max_file_bytes, downloads.max_json_bytes) == (1024, DownloadLimits().max_json_bytes)
-    assert (task.max_epochs, task.encodings) == (3, ("int8",))
+    assert (task.max_epochs, task.encodings) == (3, ("float16",))
     for body, words in [({"max_fiel_bytes": 1}, "unknown keys ['max_fiel_bytes']"),
                         ({"max_file_bytes": -1}, "max_file_bytes must be a non-negative integer"),
                         ({"max_epochs": 0}, "max_epochs must be a positive integer"),

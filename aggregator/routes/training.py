@@ -3,7 +3,8 @@
 Upload validation runs in this order, every step before any maths and before any state changes:
 bearer auth → round exists → the device holds a task for it → Content-Length within the bound
 (413 before reading) → an identical retry of an accepted update answers `duplicate` → the round is
-still accepting → `fedkb_core.wire.decode_update` (names, shapes, dtypes, finiteness, example count) →
+still accepting → `fedkb_core.wire.decode_update` (the round's encoding, bits and rotation seed, names,
+shapes, dtypes, finiteness, example count) →
 metadata names this round, this device and the round's model version → the norm is measured
 (the folder re-clips to the round's clip norm) → the body is written durably and recorded in one
 transaction. A rejection changes nothing but the rejection counters.
@@ -105,7 +106,8 @@ def upload(round_id: int):
     """Accept one device's update for one round (idempotent per device and round).
 
     :raise 400: malformed body or metadata (`malformed_update`, `weight_mismatch`, `non_finite`,
-        `bad_num_examples`, `bad_encoding`, `round_mismatch`, `device_mismatch`).
+        `bad_num_examples`, `bad_encoding`, `bad_bits`, `encoding_mismatch`, `bits_mismatch`,
+        `seed_mismatch`, `length_mismatch`, `round_mismatch`, `device_mismatch`).
     :raise 401: missing or wrong device token (`unauthorized`).
     :raise 403: the device holds no task for this round (`no_task`).
     :raise 404: no such round (`unknown_round`).
@@ -138,7 +140,8 @@ def upload(round_id: int):
         if not round_.accepting(time.time()):
             raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
 
-        update = decode_update(body, state.store.specs(round_.model_version), max_examples=round_.max_examples)
+        update = decode_update(body, state.store.specs(round_.model_version), max_examples=round_.max_examples,
+                               expected=round_.update_encoding)
         meta = update.metadata
         if meta.round_id != round_id:
             raise UpdateRejected("round_mismatch", f"update is for round {meta.round_id}, posted to round {round_id}")

@@ -55,10 +55,15 @@ DP_FLAGS = (
     ("--dp-delta", "dp_delta", float, "delta of the (epsilon, delta) guarantee, below 1/N"),
     ("--target-epsilon", "dp_target_epsilon", float, "open no round whose release would push epsilon past this"),
 )
+# How devices upload (docs/architecture.md, "Compressed updates"); `fedkb simulate` takes the same.
+UPDATE_FLAGS = (
+    ("--update-encoding", "update_encoding", str,
+     "float32 (exact), float16, or hadamard (rotation + unbiased stochastic rounding to --update-bits)"),
+    ("--update-bits", "update_bits", int, "bits per coordinate of a hadamard update, 1..8"),
+)
 _SERVER_FLAGS = (
     ("--round-timeout", "round_timeout", float, "seconds from a round's opening to its deadline"),
     ("--device-batch-size", "device_batch_size", int, "must equal the model's static batch size (default: it)"),
-    ("--encoding", "encoding", str, "update encoding devices should use: float32, float16 or int8"),
     ("--max-body-bytes", "max_body_bytes", int, "largest accepted upload (default: float32 update + header)"),
     ("--retry-after", "retry_after", float, "seconds a device without work waits (jittered)"),
     ("--retry-jitter", "retry_jitter", float, "retry-after is scaled by U(1-j, 1+j)"),
@@ -72,7 +77,7 @@ _CONNECTION_FLAGS = (
      "open connections per worker process; further ones wait in the kernel's listen queue"),
     ("--keep-alive", "keep_alive", int, "seconds an idle kept-alive connection stays open"),
 )
-_FLAGS = _TRAINING_FLAGS + DP_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
+_FLAGS = _TRAINING_FLAGS + UPDATE_FLAGS + DP_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
 
 
 def register(subparsers) -> None:
@@ -117,6 +122,7 @@ def register(subparsers) -> None:
     p.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     for title, flags in (("rounds, aggregation and device tasks (the settings the README measured)", _TRAINING_FLAGS),
+                         ("update encoding (uploads)", UPDATE_FLAGS),
                          ("differential privacy (off unless --dp-noise-multiplier is given)", DP_FLAGS),
                          ("server", _SERVER_FLAGS),
                          ("connections (gunicorn; not with --dev)", _CONNECTION_FLAGS)):

@@ -54,10 +54,21 @@ def register(subparsers) -> None:
     group.add_argument("--eval-windows", type=int, default=256, help="held-out windows evaluated per round")
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
     group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
+    _add_update_arguments(parser)
     _add_privacy_arguments(parser)
     add_model_arguments(parser)
     _add_canary_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _add_update_arguments(parser) -> None:
+    """`fedkb serve`'s --update-encoding and --update-bits, passed on to the server the fleet starts."""
+    from fedkb.commands.serve import UPDATE_FLAGS
+
+    group = parser.add_argument_group("update encoding (uploads)")
+    for flag, field, kind, text in UPDATE_FLAGS:
+        group.add_argument(flag, dest=field, type=kind, default=getattr(TRAINING, field),
+                           help=f"{text} {field_help(field)}%(default).0s")
 
 
 def _add_privacy_arguments(parser) -> None:
@@ -126,7 +137,7 @@ def fleet_config_from_args(args):
     from fedkb_core.errors import FedkbError
     from fedkb_core.training_config import TrainingConfig
     from model.evaluation import EvalConfig
-    from simulation.fleet import PRIVACY_FIELDS, FleetConfig
+    from simulation.fleet import PRIVACY_FIELDS, UPDATE_FIELDS, FleetConfig
 
     for name in ("clients", "clients_per_round", "rounds", "workers", "device_epochs", "max_examples"):
         if getattr(args, name) < 1:
@@ -144,22 +155,27 @@ def fleet_config_from_args(args):
     unless_default = {k: v for k, v in (("over_selection", args.over_selection), ("job_minutes", args.job_minutes))
                       if v is not None}
     privacy = {name: getattr(args, name) for name in PRIVACY_FIELDS}
+    uploads = {name: getattr(args, name, getattr(TRAINING, name)) for name in UPDATE_FIELDS}
     if privacy["dp_population"] is None and privacy["dp_noise_multiplier"] is not None:
         privacy["dp_population"] = args.clients  # the fleet is the whole population
     training = TrainingConfig(goal_clients=args.clients_per_round, clip_norm=args.clip_norm,
                               server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                               server_momentum=args.server_momentum, device_lr=args.device_lr,
-                              device_epochs=args.device_epochs, device_max_examples=args.max_examples, **privacy)
+                              device_epochs=args.device_epochs, device_max_examples=args.max_examples, **uploads,
+                              **privacy)
     problems = training.training_problems()
     if problems:
         raise FedkbError("; ".join(problems))
     if training.dp_enabled and getattr(args, "backend", "fedkb") != "fedkb":
         raise FedkbError("--dp-noise-multiplier runs on --backend fedkb only (the TFF reference has no DP here)")
+    if training.update_encoding != TRAINING.update_encoding and getattr(args, "backend", "fedkb") != "fedkb":
+        raise FedkbError("--update-encoding runs on --backend fedkb only (the TFF reference uploads float32)")
     return FleetConfig(
         clients=args.clients, clients_per_round=args.clients_per_round, rounds=args.rounds, workers=args.workers,
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
         clip_norm=args.clip_norm, server_lr=training.server_lr, server_momentum=args.server_momentum,
         server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default, **privacy,
+        update_encoding=training.update_encoding, update_bits=training.update_bits,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
 
 
