@@ -42,8 +42,9 @@ from aggregator.fedavg import ClippedSum, WeightedSum
 from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord, state_after_quarantine
+from fedkb_core import hadamard
 from fedkb_core.update_encoding import HADAMARD, clip_inflation
-from fedkb_core.wire import UpdateRejected, WeightSpec, decode_update
+from fedkb_core.wire import UpdateRejected, WeightSpec, decode_rotated, decode_update, split_by_name
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ INBOX_DIR = "inbox"
 SUMS_DIR = "sums"
 QUARANTINE_DIR = "quarantine"
 UNFOLDABLE = "unfoldable"  # the rejection reason of a quarantined blob
+ROTATED = "rotated"  # the one tensor of a hadamard round's sum (and of its checkpoint)
 LOCK_FILE = "folder.lock"
 
 
@@ -144,15 +146,26 @@ class RoundSum:
     A differentially private round (`round_.dp_enabled`) sums unit-weight updates into a
     `DPGaussianSum` (aggregator/dp.py) and counts `unclipped`, the updates whose norm was at most
     the clip norm (adaptive clipping's count); both are checkpointed like the sum.
+
+    A `hadamard` round sums in the rotated domain (`rotated`): one vector of the padded length,
+    to which each update is added as decoded but not rotated back (`decode_rotated`); rotation is
+    linear and orthogonal, so clipping there is clipping in the weights' domain, and
+    `in_weight_layout` rotates the sum back once when the round closes. That saves the inverse
+    rotation per update, which costs more than the whole float32 fold (bench/bench_compression.py).
     """
 
     def __init__(self, round_: RoundRecord, specs: list[WeightSpec], *, total: WeightedSum | None = None,
-                 last_folded_id: int = 0, unclipped: int = 0):
+                 last_folded_id: int = 0, unclipped: int = 0, rotated: bool | None = None):
+        self.round_ = round_
         self.round_id = round_.id
         self.specs = specs
+        self.rotated = round_.encoding == HADAMARD if rotated is None else rotated
+        length = sum(s.size for s in specs)
         # Name order: the order safetensors stores float32 tensors in, so a blob's data is one
         # vector in the sum's layout (`Folder._flat_float32`).
-        self.total = total or WeightedSum({s.name: s.shape for s in sorted(specs, key=lambda s: s.name)})
+        layout = ({ROTATED: (hadamard.padded_length(length),)} if self.rotated
+                  else {s.name: s.shape for s in sorted(specs, key=lambda s: s.name)})
+        self.total = total or WeightedSum(layout)
         if round_.dp_enabled:
             self.clipped = DPGaussianSum(self.total, clip_norm=round_.clip_norm,
                                          noise_multiplier=round_.dp_update_noise_multiplier,
@@ -161,6 +174,17 @@ class RoundSum:
             self.clipped = ClippedSum(self.total, round_.clip_norm * _decoded_norm_allowance(round_))
         self.last_folded_id = last_folded_id
         self.unclipped = unclipped
+
+    def in_weight_layout(self) -> "RoundSum":
+        """This sum by weight name: itself, or for a rotated sum Rᵀ·Σ (float64) with its counters."""
+        if not self.rotated:
+            return self
+        length = sum(s.size for s in self.specs)
+        flat = hadamard.unrotate(self.total.flat.reshape(-1, hadamard.BLOCK), self.round_.rotation_seed, length)
+        total = WeightedSum.restore(split_by_name(flat, self.specs), total_examples=self.total.total_examples,
+                                    count=self.total.count)
+        return RoundSum(self.round_, self.specs, total=total, last_folded_id=self.last_folded_id,
+                        unclipped=self.unclipped, rotated=False)
 
     def count_norm(self, measured: float, reported: float | None) -> None:
         """Count the update as unclipped if its norm before any clipping was at most C.
@@ -271,6 +295,8 @@ class Folder:
                 (damaged on disk since it was accepted).
         """
         raw = self._read_blob(path)
+        if current.rotated:
+            return current.clipped.add_flat(decode_rotated(bytes(raw), specs).values, num_examples)
         values = self._flat_float32(raw, specs, current.total.layout)
         try:
             if values is None:

@@ -203,7 +203,7 @@ class Worker:
 
     def _close(self, conn, round_: RoundRecord) -> None:
         start = time.perf_counter()
-        current = self.folder.current(round_.id)
+        current = self.folder.current(round_.id).in_weight_layout()  # a hadamard round's sum, rotated back
         parent = round_.model_version
 
         # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.

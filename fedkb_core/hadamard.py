@@ -63,8 +63,9 @@ def random_signs(seed: int, length: int) -> np.ndarray:
 
 
 def _transform(blocks: np.ndarray) -> np.ndarray:
-    """H·x for every row of `blocks` (shape (B, BLOCK)); H is symmetric, so this is also Hᵀ·x."""
-    h = _hadamard_side()
+    """H·x for every row of `blocks` (shape (B, BLOCK)), in their dtype (float32 or float64); H is
+    symmetric, so this is also Hᵀ·x."""
+    h = _hadamard_side().astype(blocks.dtype, copy=False)
     square = blocks.reshape(-1, _SIDE, _SIDE)
     return np.matmul(np.matmul(h, square), h).reshape(-1, BLOCK)
 
@@ -83,13 +84,15 @@ def rotate(values: np.ndarray, seed: int) -> np.ndarray:
 
 
 def unrotate(blocks: np.ndarray, seed: int, length: int) -> np.ndarray:
-    """Rᵀ·y, cut back to the first `length` coordinates: the inverse of `rotate`.
+    """Rᵀ·y, cut back to the first `length` coordinates: the inverse of `rotate`, in y's precision
+    (float64 for a round's sum, float32 otherwise).
 
     Raises:
         ValueError: `blocks` is not the shape `rotate` gives for `length`.
     """
     if blocks.shape != (num_blocks(length), BLOCK):
         raise ValueError(f"{length} coordinates rotate to shape {(num_blocks(length), BLOCK)}, got {blocks.shape}")
-    flat = _transform(np.asarray(blocks, np.float32)).reshape(-1)
+    blocks = np.asarray(blocks, np.float64 if np.asarray(blocks).dtype == np.float64 else np.float32)
+    flat = _transform(blocks).reshape(-1)
     flat *= random_signs(seed, flat.size)
     return flat[:length]

@@ -87,6 +87,16 @@ class UpdateMetadata:
 
 
 @dataclasses.dataclass(frozen=True)
+class RotatedUpdate:
+    """A validated `hadamard` update left in the rotated domain: the dequantized, padded vector
+    R·Δ + rounding error (float32, `hadamard.padded_length(n)` values). Its norm is the decoded
+    update's (R is orthogonal); the server folds these and rotates the round's sum back once."""
+
+    metadata: UpdateMetadata
+    values: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientUpdate:
     """A decoded, validated update: float32 deltas by weight name."""
 
@@ -292,18 +302,20 @@ def _check_hadamard_header(header: dict, raw_meta: dict[str, str], meta: UpdateM
                                                     f"coordinates need {dtype} {shape}")
 
 
-def _decode_hadamard(tensors: dict, meta: UpdateMetadata, specs: list[WeightSpec]) -> dict[str, np.ndarray]:
+def _dequantize_hadamard(tensors: dict, meta: UpdateMetadata, length: int) -> np.ndarray:
+    """The rotated blocks a `hadamard` update's levels and scales stand for (float32, (B, BLOCK))."""
     scales = tensors[SCALES]
     if not np.all(np.isfinite(scales)) or np.any(scales < 0):
         raise UpdateRejected("non_finite", "a hadamard update's scales must be finite and >= 0")
-    length = sum(s.size for s in specs)
-    padded = hadamard.padded_length(length)
     try:
-        levels = bitpack.unpack(tensors[LEVELS], meta.update_bits, padded)
+        levels = bitpack.unpack(tensors[LEVELS], meta.update_bits, hadamard.padded_length(length))
     except ValueError as err:
         raise UpdateRejected("malformed_update", f"levels are not {meta.update_bits}-bit packed ({err})") from None
-    values = stochastic_rounding.dequantize(levels.reshape(-1, hadamard.BLOCK), scales, meta.update_bits)
-    flat = hadamard.unrotate(values, meta.rotation_seed, length)
+    return stochastic_rounding.dequantize(levels.reshape(-1, hadamard.BLOCK), scales, meta.update_bits)
+
+
+def split_by_name(flat: np.ndarray, specs: list[WeightSpec]) -> dict[str, np.ndarray]:
+    """One vector in name order → arrays by weight name (views)."""
     deltas, offset = {}, 0
     for spec in sorted(specs, key=lambda s: s.name):
         deltas[spec.name] = flat[offset: offset + spec.size].reshape(spec.shape)
@@ -323,6 +335,38 @@ def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | N
             `bits_mismatch`, `seed_mismatch`, `length_mismatch`, `weight_mismatch`, `bad_num_examples`
             or `non_finite`.
     """
+    meta, tensors = _validated(body, specs, max_examples, expected)
+    if meta.encoding == HADAMARD:
+        length = sum(s.size for s in specs)
+        blocks = _dequantize_hadamard(tensors, meta, length)
+        flat = hadamard.unrotate(blocks, meta.rotation_seed, length)
+        return ClientUpdate(metadata=meta, deltas=split_by_name(flat, specs))
+    deltas = {}
+    for spec in specs:
+        t = tensors[spec.name].astype(np.float32, copy=False)  # float32 arrays are already fresh copies
+        if not np.all(np.isfinite(t)):
+            raise UpdateRejected("non_finite", f"tensor {spec.name!r} contains NaN or infinity")
+        deltas[spec.name] = t
+    return ClientUpdate(metadata=meta, deltas=deltas)
+
+
+def decode_rotated(body: bytes, specs: list[WeightSpec], *, max_examples: int | None = None,
+                   expected: UpdateEncoding | None = None) -> RotatedUpdate:
+    """Validate a `hadamard` update exactly as `decode_update` does, but stop before the inverse
+    rotation (the dearest step): what the server needs to measure, clip and fold it.
+
+    Raises:
+        UpdateRejected: as `decode_update`; `encoding_mismatch` for an update of another encoding.
+    """
+    meta, tensors = _validated(body, specs, max_examples, expected)
+    if meta.encoding != HADAMARD:
+        raise UpdateRejected("encoding_mismatch", f"update is {meta.encoding}, not {HADAMARD}")
+    return RotatedUpdate(metadata=meta, values=_dequantize_hadamard(tensors, meta, sum(s.size for s in specs)).reshape(-1))
+
+
+def _validated(body: bytes, specs: list[WeightSpec], max_examples: int | None,
+               expected: UpdateEncoding | None) -> tuple[UpdateMetadata, dict]:
+    """The metadata and tensors of a body whose header passed every check (data read last)."""
     header, raw_meta, data_start = read_header(body)
     meta = _parse_metadata(raw_meta)
     if expected is not None:
@@ -339,18 +383,9 @@ def decode_update(body: bytes, specs: list[WeightSpec], *, max_examples: int | N
     else:
         _check_weight_header(header, meta, specs)
     try:
-        tensors = _st_load(body)
+        return meta, _st_load(body)
     except Exception as err:  # safetensors raises its own error types for truncated data
         raise UpdateRejected("malformed_update", f"tensor data is unreadable ({err})") from None
-    if meta.encoding == HADAMARD:
-        return ClientUpdate(metadata=meta, deltas=_decode_hadamard(tensors, meta, specs))
-    deltas = {}
-    for spec in specs:
-        t = tensors[spec.name].astype(np.float32, copy=False)  # float32 arrays are already fresh copies
-        if not np.all(np.isfinite(t)):
-            raise UpdateRejected("non_finite", f"tensor {spec.name!r} contains NaN or infinity")
-        deltas[spec.name] = t
-    return ClientUpdate(metadata=meta, deltas=deltas)
 
 
 def _check_weight_header(header: dict, meta: UpdateMetadata, specs: list[WeightSpec]) -> None:

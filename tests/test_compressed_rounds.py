@@ -14,7 +14,7 @@ from aggregator.fedavg import WeightedSum
 from fedkb_core.clipping import clip_by_global_norm
 from fedkb_core.stochastic_rounding import num_levels
 from fedkb_core.update_encoding import BLOCK
-from fedkb_core.wire import SCALES, WeightSpec, decode_update
+from fedkb_core.wire import SCALES, WeightSpec, decode_rotated, decode_update
 from tests.fixtures_aggregator import (ADMIN, TINY_SHAPES, Device, make_server, random_deltas,  # noqa: F401
                                        status, wait_for, weights_model)
 
@@ -93,12 +93,13 @@ def test_dp_fedavg_with_compressed_updates_clips_what_it_decodes_at_the_clip_nor
     expected = DPGaussianSum(WeightedSum(TINY_SHAPES), clip_norm=clip, noise_multiplier=0.0, denominator=4)
     decoded_norms = []
     for body in bodies:
-        decoded = decode_update(body, SPECS).deltas
-        decoded_norms.append(expected.add(decoded, 1))
-    # Rounding lengthened the update the device had clipped to C; the server's clip takes that out.
-    # (Most of the 1-bit error of this 112-weight model falls on the rotation's padding, which
-    # decoding drops; on the real model, padded by 0.1 %, decoded norms are ~4x C.)
-    assert max(decoded_norms) > clip
+        # The server measures (and clips) the norm of the whole decoded vector in the rotated domain,
+        # padding included: never less than the norm of what it adds once rotated back.
+        rotated = decode_rotated(body, SPECS).values.astype(np.float64)
+        decoded_norms.append(expected.add(decode_update(body, SPECS).deltas, 1, norm=float(np.linalg.norm(rotated))))
+    # Rounding lengthened the update the device had clipped to C (1 bit: several times over); the
+    # server's clip at C takes that out.
+    assert max(decoded_norms) > 1.5 * clip
     mean = expected.release(None)
     w1, w2 = load_file(weights_model / "weights.safetensors"), _version(server, 2)
     for k in TINY_SHAPES:
@@ -147,3 +148,59 @@ def test_the_rotation_seed_is_drawn_per_round_kept_with_it_and_survives_a_restar
     seed2.url = again.url  # the same device and token, on the restarted server
     resumed = seed2.task()
     assert (resumed.round_id, resumed.rotation_seed) == (task2.round_id, task2.rotation_seed)
+
+
+def test_a_rotated_sum_resumes_from_its_checkpoint_after_a_restart(tmp_path):
+    """A `hadamard` round's running sum lives in the rotated domain; it is checkpointed and resumed
+    like any other (a new `Folder` is what a restarted server has), and rotated back once it ends:
+    the same mean as decoding each update by itself, clipping it and averaging."""
+    from aggregator import db
+    from aggregator.config import load_config
+    from aggregator.fedavg import ClippedSum
+    from aggregator.folding import Folder, write_blob
+    from aggregator.rounds import round_settings
+    from fedkb_core.update_encoding import clip_inflation
+    from fedkb_core.wire import UpdateMetadata, encode_update
+
+    def start(name):
+        state = tmp_path / name
+        db.init_db(state)
+        conn = db.connect(state)
+        config = load_config(environ={}, overrides={"testing": True, "state_dir": state, "clip_norm": 0.8,
+                                                    "update_encoding": "hadamard", "update_bits": 3})
+        with db.transaction(conn):
+            round_id = db.insert_round(conn, round_settings(config, model_version=1, batch_size=2, now=0.0))
+        return state, conn, db.get_round(conn, round_id)
+
+    def accept(state, conn, round_, i, body, n):
+        blob = write_blob(state, round_.id, f"dev{i}", body)
+        with db.transaction(conn):
+            db.add_update(conn, round_id=round_.id, device_id=f"dev{i}", num_examples=n, update_norm=1.0,
+                          device_norm=0.0, body_sha256=str(i), size=len(body), blob=str(blob.relative_to(state)))
+
+    state, conn, round_ = start("resumed")
+    bodies = []
+    for i in range(4):
+        clipped, norm = clip_by_global_norm(random_deltas(TINY_SHAPES, 80 + i, scale=0.3), 0.8)
+        meta = UpdateMetadata(round_id=round_.id, model_version=1, device_id=f"dev{i}", num_examples=2 + i,
+                              clip_norm=0.8, update_norm=norm, encoding="hadamard", update_bits=3,
+                              rotation_seed=round_.rotation_seed)
+        bodies.append((encode_update(clipped, meta, rng=np.random.default_rng(i)), 2 + i))
+    for i, (body, n) in enumerate(bodies[:2]):
+        accept(state, conn, round_, i, body, n)
+    Folder(state, checkpoint_interval=0.0).fold_pending(conn, round_, SPECS, force_checkpoint=True)
+    for i, (body, n) in enumerate(bodies[2:], start=2):
+        accept(state, conn, round_, i, body, n)
+    restarted = Folder(state, checkpoint_interval=0.0)
+    restarted.fold_pending(conn, round_, SPECS)
+    resumed = restarted.current(round_.id)
+    assert resumed.rotated and resumed.total.count == 4
+    mean = resumed.in_weight_layout().total.mean()
+
+    reference = ClippedSum(WeightedSum(TINY_SHAPES), 0.8 * clip_inflation(3))
+    for body, n in bodies:
+        rotated = decode_rotated(body, SPECS).values.astype(np.float64)
+        reference.add(decode_update(body, SPECS).deltas, n, norm=float(np.linalg.norm(rotated)))
+    for k, v in reference.mean().items():
+        np.testing.assert_allclose(mean[k], v, rtol=1e-5, atol=1e-6)
+    conn.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 
 from flask import Blueprint, jsonify, request
@@ -27,11 +28,12 @@ from aggregator import db, rounds
 from aggregator.limits import update_size_limit
 from aggregator.min_separation import MinSeparation
 from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
-from fedkb_core.clipping import global_norm
+from fedkb_core.clipping import global_norm, squared_norm
 from aggregator.folding import write_blob
 from aggregator.routes import authenticate_device, json_body, server
 from fedkb_core.protocol import CheckinRequest, CheckinResponse, UploadResponse, to_json
-from fedkb_core.wire import UpdateRejected, decode_update, read_header
+from fedkb_core.update_encoding import HADAMARD
+from fedkb_core.wire import UpdateRejected, decode_rotated, decode_update, read_header
 
 bp = Blueprint("training", __name__)
 log = logging.getLogger(__name__)
@@ -140,9 +142,7 @@ def upload(round_id: int):
         if not round_.accepting(time.time()):
             raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
 
-        update = decode_update(body, state.store.specs(round_.model_version), max_examples=round_.max_examples,
-                               expected=round_.update_encoding)
-        meta = update.metadata
+        meta, norm = _validate(body, state.store.specs(round_.model_version), round_)
         if meta.round_id != round_id:
             raise UpdateRejected("round_mismatch", f"update is for round {meta.round_id}, posted to round {round_id}")
         if meta.device_id != device_id:
@@ -151,7 +151,6 @@ def upload(round_id: int):
             raise UpdateRejected("stale_model_version",
                                  f"update is against version {meta.model_version}, round {round_id} trains "
                                  f"version {round_.model_version}")
-        norm = global_norm(update.deltas)  # before the server's clipping, which the folder applies
         body_sha256 = _content_digest(body)
         try:
             update_id = _accept(state, round_id, device_id, body, body_sha256, meta.num_examples, norm,
@@ -167,6 +166,17 @@ def upload(round_id: int):
                                        "num_examples": meta.num_examples, "update_norm": round(norm, 6),
                                        "bytes": len(body), "ms": round(1000 * (time.perf_counter() - start), 2)})
     return jsonify(to_json(UploadResponse(status="accepted", update_id=update_id, update_norm=norm)))
+
+
+def _validate(body: bytes, specs, round_) -> tuple:
+    """(metadata, norm) of a body in the round's encoding; the norm is measured before the server's
+    clipping, which the folder applies. A `hadamard` update is measured in the rotated domain, as
+    the folder sums it (the same norm: the rotation is orthogonal), without the inverse rotation."""
+    if round_.encoding == HADAMARD:
+        update = decode_rotated(body, specs, max_examples=round_.max_examples, expected=round_.update_encoding)
+        return update.metadata, math.sqrt(squared_norm(update.values))
+    update = decode_update(body, specs, max_examples=round_.max_examples, expected=round_.update_encoding)
+    return update.metadata, global_norm(update.deltas)
 
 
 def _read_bounded_body(limit: int) -> bytes:
