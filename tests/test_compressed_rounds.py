@@ -204,3 +204,22 @@ def test_a_rotated_sum_resumes_from_its_checkpoint_after_a_restart(tmp_path):
     for k, v in reference.mean().items():
         np.testing.assert_allclose(mean[k], v, rtol=1e-5, atol=1e-6)
     conn.close()
+
+
+def test_dp_ftrl_with_compressed_updates_releases_from_the_rotated_back_sum(make_server, weights_model):
+    """DP-FTRL (Z = 0, server lr 1, no momentum: the first release is w + Σ/goal) over 4-bit uploads:
+    the tree's release reads the round's sum after it is rotated back, clipped at C as DP needs."""
+    clip = 0.5
+    server = make_server(weights_model, clip_norm=clip, goal_clients=3, min_clients=2, dp_noise_multiplier=0.0,
+                         dp_mechanism="ftrl", server_optimizer="sgd", server_lr=1.0, update_encoding="hadamard",
+                         update_bits=4)
+    updates = [random_deltas(TINY_SHAPES, 60 + i, scale=s) for i, s in enumerate((0.01, 0.3, 0.02))]
+    _, bodies = _upload_round(server, updates, (3, 7, 11))
+    expected = DPGaussianSum(WeightedSum(TINY_SHAPES), clip_norm=clip, noise_multiplier=0.0, denominator=3)
+    for body in bodies:
+        rotated = decode_rotated(body, SPECS).values.astype(np.float64)
+        expected.add(decode_update(body, SPECS).deltas, 1, norm=float(np.linalg.norm(rotated)))
+    mean = expected.release(None)
+    w1, w2 = load_file(weights_model / "weights.safetensors"), _version(server, 2)
+    for k in TINY_SHAPES:
+        np.testing.assert_allclose(w2[k], w1[k] + mean[k], rtol=1e-5, atol=1e-6)

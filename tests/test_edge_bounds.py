@@ -36,6 +36,12 @@ def test_a_task_within_the_bounds_has_no_problem():
     (dict(model_version=2 ** 63), "model_version"),
     (dict(deadline=math.inf), "deadline inf"),
     (dict(encoding="bfloat7"), "encoding 'bfloat7'"),
+    (dict(encoding="int8"), "encoding 'int8'"),  # no longer an encoding
+    (dict(encoding="hadamard", update_bits=9, rotation_seed=1), "update bits must be an integer in 1..8"),
+    (dict(encoding="hadamard", update_bits=0, rotation_seed=1), "update bits must be an integer in 1..8"),
+    (dict(encoding="hadamard", update_bits=4), "hadamard needs a rotation seed"),
+    (dict(encoding="hadamard", update_bits=4, rotation_seed=-1), "hadamard needs a rotation seed"),
+    (dict(update_bits=4), "update bits apply to the hadamard encoding only"),
 ])
 def test_each_field_outside_its_bound_is_named(change, words):
     task = dataclasses.replace(GOOD, **change)

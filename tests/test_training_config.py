@@ -31,6 +31,8 @@ def _simulated(tmp_path, *argv: str) -> tuple[FleetConfig, TrainingConfig]:
     ((), ()),
     (("--server-optimizer", "sgd"), ("--server-optimizer", "sgd")),  # the lr follows the optimizer in both
     (("--clients-per-round", "8"), ("--goal-clients", "8")),  # min clients: half the goal in both
+    (("--update-encoding", "hadamard"), ("--update-encoding", "hadamard")),  # 8 bits unless told, in both
+    (("--update-encoding", "hadamard", "--update-bits", "3"), ("--update-encoding", "hadamard", "--update-bits", "3")),
 ])
 def test_serve_and_simulate_resolve_to_the_same_settings(tmp_path, simulate_argv, serve_argv):
     fleet, simulated = _simulated(tmp_path, *simulate_argv)
