@@ -352,22 +352,39 @@ class ServerClient:
         response, _ = self._request("GET", "/v1/models/signing-key", auth=False, ok=(200,))
         return self._read_capped(response, 16 * 1024, "GET /v1/models/signing-key")
 
-    def download(self, version: int, filename: str, dest: Path, *, max_bytes: int | None = None) -> int:
+    def download(self, version: int, filename: str, dest: Path, *, max_bytes: int | None = None,
+                 sha256: str | None = None) -> int:
         """Stream one file of a version into `dest` (fsynced); return its size in bytes.
+
+        A transfer that breaks off resumes where it stopped rather than starting over: the retry
+        asks for the rest (`Range`) if the file is still the one with `sha256` (`If-Range`: a
+        server holding other bytes sends the whole file instead). The manifest's sha256 checks the
+        whole file afterwards either way.
 
         Raises:
             DownloadTooLarge: the body went past `max_bytes` (the manifest's size): reading stops
                 there, so a body that never ends cannot fill the disk. Not retried.
-            BadReply: a 304 (the device never asks for a file conditionally: it holds it or not).
+            BadReply: a 304 (the device never asks for a file conditionally: it holds it or not),
+                or a 206 that does not start where the device asked.
         """
         path = f"/v1/models/{version}/{filename}"
-        for attempt in range(self.retry.max_attempts):
-            response, _ = self._request("GET", path, auth=False, ok=(200,), passthrough=(304,))
-            if response.status_code == 304:  # never asked conditionally: a file the device does not hold
-                self._check_not_modified(response, f"GET {path}", None)
-            try:
-                size = 0
-                with open(dest, "wb") as f:
+        size = 0
+        with open(dest, "wb") as f:
+            for attempt in range(self.retry.max_attempts):
+                resume = {"Range": f"bytes={size}-", "If-Range": f'"{sha256}"'} if size and sha256 else {}
+                response, _ = self._request("GET", path, auth=False, ok=(200, 206), passthrough=(304,), headers=resume)
+                if response.status_code == 304:  # never asked conditionally: a file the device does not hold
+                    self._check_not_modified(response, f"GET {path}", None)
+                try:
+                    if response.status_code == 206:
+                        start = _range_start(response.headers.get("Content-Range"))
+                        if start != size:
+                            raise BadReply(f"GET {path}: asked for the bytes from {size}, the server sent "
+                                           f"{_short(response.headers.get('Content-Range'), 'no Content-Range', 80)}")
+                    elif size:  # the whole file again (the server did not resume)
+                        f.seek(0)
+                        f.truncate()
+                        size = 0
                     for chunk in response.iter_content(1 << 16):
                         size += len(chunk)
                         self.traffic.bytes_received += len(chunk)
@@ -376,18 +393,18 @@ class ServerClient:
                         f.write(chunk)
                     f.flush()
                     os.fsync(f.fileno())
-                return size
-            except DownloadTooLarge:
-                Path(dest).unlink(missing_ok=True)
-                raise
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
-                # The connection broke mid-body: fetch the whole file again.
-                if attempt + 1 == self.retry.max_attempts:
-                    raise ServerUnavailable(f"GET {path}: transfer kept breaking ({err})") from None
-                self.retries += 1
-                self._sleep(backoff_delay(attempt, self.retry, self._rng))
-            finally:
-                response.close()
+                    return size
+                except (DownloadTooLarge, BadReply):
+                    Path(dest).unlink(missing_ok=True)
+                    raise
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+                    # The connection broke mid-body: ask for the rest.
+                    if attempt + 1 == self.retry.max_attempts:
+                        raise ServerUnavailable(f"GET {path}: transfer kept breaking ({err})") from None
+                    self.retries += 1
+                    self._sleep(backoff_delay(attempt, self.retry, self._rng))
+                finally:
+                    response.close()
         raise AssertionError("unreachable")
 
     def upload(self, round_id: int, body: bytes) -> UploadResult:
@@ -427,6 +444,12 @@ def _number(value, kind):
     if kind is int:
         return value if isinstance(value, int) else None
     return float(value) if math.isfinite(value) else None
+
+
+def _range_start(value: str | None) -> int | None:
+    """The first byte of a `Content-Range: bytes FIRST-LAST/SIZE`, or None if it is not one."""
+    match = re.fullmatch(r"bytes (\d{1,18})-\d{1,18}/(\d{1,18}|\*)", (value or "").strip())
+    return int(match[1]) if match else None
 
 
 def _retry_after(value: str | None, cap: float) -> float:

@@ -35,7 +35,8 @@ model download as part of every round's cost):
 * nothing at all for a version it holds with those files (its signature is checked again,
   locally, against the keys trusted now);
 * the manifest only when it changed: the one it holds is asked for with `If-None-Match`, and a
-  304 (checked by the client) means the held bytes, whose signature is checked again.
+  304 (checked by the client) means the held bytes, whose signature is checked again;
+* no byte twice when a transfer breaks off: the client asks for the rest (`Range`, `If-Range`).
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ class ModelStore:
                 if name not in missing:  # held a moment ago, gone now: the store changed under us
                     raise self._rejected(manifest, f"{name} of version {manifest.version} vanished while in use")
                 try:
-                    client.download(manifest.version, name, staging / name, max_bytes=entry.bytes)
+                    client.download(manifest.version, name, staging / name, max_bytes=entry.bytes,
+                                    sha256=entry.sha256)
                 except (DownloadTooLarge, BadReply) as err:
                     raise self._rejected(manifest, err) from None
         return fill

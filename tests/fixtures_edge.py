@@ -188,7 +188,10 @@ class FaultProxy:
         pad: path suffix -> bytes to append to the body, sent chunked (no Content-Length) so the
             client only learns the size by reading; `padded` records (path, bytes sent, whether
             the whole body went out) once the client has read it all or hung up.
-    Counters: `requests` (every path seen, in order), `uploads_forwarded`.
+        cut: path suffix -> after how many body bytes the connection breaks (once per suffix:
+            the whole Content-Length is announced, then the proxy hangs up).
+    Counters: `requests` (every path seen, in order), `ranges` (each request's Range header or
+    None), `delivered` (path -> body bytes written to the client), `uploads_forwarded`.
     """
 
     def __init__(self, upstream: str):
@@ -199,7 +202,10 @@ class FaultProxy:
         self.rewrite: dict[str, Callable[[bytes], bytes]] = {}
         self.pad: dict[str, int] = {}
         self.padded: list[tuple[str, int, bool]] = []
+        self.cut: dict[str, int] = {}
         self.requests: list[str] = []
+        self.ranges: list[str | None] = []
+        self.delivered: dict[str, int] = {}
         self.uploads_forwarded = 0
         self._lock = threading.Lock()
         self._http = requests.Session()
@@ -211,6 +217,8 @@ class FaultProxy:
         is_upload = method == "POST" and path.endswith("/updates")
         with self._lock:
             self.requests.append(f"{method} {path}")
+            self.ranges.append(handler.headers.get("Range"))
+            cut = next((self.cut.pop(suffix) for suffix in list(self.cut) if path.endswith(suffix)), None)
             inject_503 = is_upload and self.fail_uploads > 0
             if inject_503:
                 self.fail_uploads -= 1
@@ -220,7 +228,8 @@ class FaultProxy:
         if inject_503:
             return self._reply(handler, 503, b'{"error": "unavailable", "message": "injected"}',
                                {"Content-Type": "application/json"})
-        headers = {k: v for k, v in handler.headers.items() if k.lower() in ("authorization", "content-type")}
+        headers = {k: v for k, v in handler.headers.items()
+                   if k.lower() in ("authorization", "content-type", "range", "if-range", "if-none-match")}
         upstream = self._http.request(method, self.upstream + path, data=body, headers=headers, timeout=30)
         if is_upload:
             with self._lock:
@@ -235,11 +244,27 @@ class FaultProxy:
         for suffix, change in self.rewrite.items():
             if path.endswith(suffix):
                 content = change(content)
-        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "etag", "retry-after")}
+        keep = {k: v for k, v in upstream.headers.items()
+                if k.lower() in ("content-type", "etag", "retry-after", "content-range")}
         padding = next((n for suffix, n in self.pad.items() if path.endswith(suffix)), 0)
         if padding:
             return self._reply_padded(handler, path, upstream.status_code, content, padding, keep)
-        return self._reply(handler, upstream.status_code, content, keep)
+        if cut is not None:
+            handler.send_response(upstream.status_code)
+            for k, v in {**keep, "Content-Length": str(len(content))}.items():
+                handler.send_header(k, v)
+            handler.end_headers()
+            handler.wfile.write(content[:cut])
+            handler.wfile.flush()
+            handler.close_connection = True
+            handler.connection.shutdown(2)  # the transfer breaks off here
+            return self._count(path, cut)
+        self._reply(handler, upstream.status_code, content, keep)
+        return self._count(path, len(content))
+
+    def _count(self, path: str, sent: int) -> None:
+        with self._lock:
+            self.delivered[path] = self.delivered.get(path, 0) + sent
 
     def _reply_padded(self, handler, path: str, status: int, body: bytes, padding: int, headers: dict) -> None:
         handler.send_response(status)

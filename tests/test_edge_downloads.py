@@ -22,7 +22,7 @@ from fedkb_core.manifest import (INFERENCE_FILE, MANIFEST_FILE, TOKENIZER_FILE, 
                                  sha256_file, verify_files)
 from fedkb_core.signing import SIGNATURE_FILE, ManifestSigner, TrustedKeys
 from tests.fixtures_aggregator import ServeProcess, ServerThread, server_overrides
-from tests.fixtures_edge import RecordingProxy, edge_model, retrained  # noqa: F401
+from tests.fixtures_edge import FaultProxy, RecordingProxy, edge_model, retrained  # noqa: F401
 from tests.fixtures_hostile import HostileServer, Reply, Step, wait
 
 
@@ -128,6 +128,26 @@ def test_a_device_that_only_trains_fetches_no_inference_model_and_nothing_at_che
     assert not (tmp_path / "phone" / "models" / "v2" / INFERENCE_FILE).exists()
 
 
+def test_a_transfer_that_breaks_off_resumes_where_it_stopped(edge_model, server, tmp_path):
+    path, size = f"/v1/models/2/{TRAINABLE_FILE}", server.state.store.manifest(2).files[TRAINABLE_FILE].bytes
+    cut = size * 3 // 4
+    assert cut > 1 << 16  # past the client's first 64 KiB read, which it keeps
+    proxy = FaultProxy(server.url)
+    try:
+        proxy.cut = {TRAINABLE_FILE: cut}
+        store, client = _store(tmp_path / "models", edge_model, server), _client(proxy.url)
+        store.fetch(client, 2, files=TRAINING_FILES)
+    finally:
+        proxy.stop()
+    ranges = [g for r, g in zip(proxy.requests, proxy.ranges, strict=True) if r == f"GET {path}"]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
+    resumed = int(ranges[1][len("bytes="):-1])  # what the client had kept (whole reads)
+    assert 0 < resumed <= cut
+    assert proxy.delivered[path] == cut + size - resumed < 2 * size  # only the rest came again
+    verify_files(store.root / "v2", load_manifest(store.root / "v2"), TRAINING_FILES)
+    assert client.retries == 1
+
+
 @pytest.mark.parametrize("dev", [False, True], ids=["gunicorn", "werkzeug"])
 def test_the_model_routes_answer_if_none_match_with_an_empty_304(edge_model, tmp_path, dev):
     serve = ServeProcess(tmp_path / "state", edge_model, *(["--dev"] if dev else []), log=tmp_path / "serve.log")
@@ -172,7 +192,8 @@ def _unchanged(store: ModelStore, hashes: dict) -> None:
     assert sorted(p.name for p in store.root.glob("v*")) == ["v1"] and leftover_temps(store.root) == []
 
 
-@pytest.mark.parametrize("case", ["file_not_asked", "latest_not_held", "wrong_etag", "body", "chunked"])
+@pytest.mark.parametrize("case", ["file_not_asked", "latest_not_held", "wrong_etag", "body", "chunked",
+                                  "range_elsewhere"])
 def test_a_hostile_304_is_a_clear_rejection_and_loses_nothing(edge_model, hostile, tmp_path, case):
     store = _hostile_store(tmp_path / "models", edge_model, hostile)
     hashes = {p.name: sha256_file(p) for p in (store.root / "v1").iterdir()}
@@ -186,6 +207,10 @@ def test_a_hostile_304_is_a_clear_rejection_and_loses_nothing(edge_model, hostil
         hostile.overrides["GET /v1/models/latest"] = Reply(304)
         store = ModelStore(tmp_path / "empty", trusted_keys=store.trusted_keys)
         call, match = (lambda: store.update_if_newer(client)), "holds no copy and did not ask"
+    elif case == "range_elsewhere":  # a part of a file, from another offset than asked (0: no Range sent)
+        hostile.overrides[f"GET /v1/models/2/{TRAINABLE_FILE}"] = Reply(206, b"x" * 10, headers=(
+            ("Content-Range", "bytes 5-14/100"),))
+        call, match = (lambda: store.fetch(client, 2, files=TRAINING_FILES)), "asked for the bytes from 0"
     elif case == "wrong_etag":
         hostile.overrides["GET /v1/models/latest"] = Reply(304, headers=(("ETag", '"' + "2" * 64 + '"'),))
         call, match = (lambda: store.update_if_newer(client)), "for ETag"
