@@ -20,7 +20,7 @@ The mechanisms (`--mechanisms`):
     python bench/privacy_utility.py --data runs/demo/data --out runs/privacy --rounds 10 \\
         --mechanisms ftrl,adaptive --only ftrl:0.5:100,adaptive:1:100
 
-Cells already simulated (their folder has a report.json) are evaluated again, not re-run.
+Cells already simulated (their folder has a report.json) are not run again, nor evaluated again.
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def mechanism_arguments(args, mechanism: str) -> list[str]:
     return []
 
 
+def evaluate(args, out: Path, version: int) -> dict:
+    """`fedkb evaluate` of the cell's last version, kept in the cell's folder for the next table."""
+    cached = out / f"evaluate-v{version}-w{args.words}-n{args.windows}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    evaluated = subprocess.run([*FEDKB, "evaluate", "--model", str(out / "server" / "models" / str(version)),
+                                "--data", str(args.data), "--words", str(args.words), "--windows", str(args.windows),
+                                "--format", "json"], check=True, capture_output=True, text=True)
+    cached.write_text(evaluated.stdout)
+    return json.loads(evaluated.stdout)
+
+
 def run_cell(args, mechanism: str, z: float, m: int) -> dict:
     out = cell_folder(args.out, mechanism, z, m)
     if not (out / "report.json").is_file():
@@ -69,10 +81,7 @@ def run_cell(args, mechanism: str, z: float, m: int) -> dict:
         print(f"  {mechanism} z={z:g} m={m}: simulated in {time.monotonic() - started:.0f} s", file=sys.stderr)
     report = json.loads((out / "report.json").read_text())
     version = report["summary"]["final_model_version"]
-    evaluated = subprocess.run([*FEDKB, "evaluate", "--model", str(out / "server" / "models" / str(version)),
-                                "--data", str(args.data), "--words", str(args.words), "--windows", str(args.windows),
-                                "--format", "json"], check=True, capture_output=True, text=True)
-    metrics = json.loads(evaluated.stdout)
+    metrics = evaluate(args, out, version)
     manifest = json.loads((out / "server" / "models" / str(version) / "manifest.json").read_text())
     metrics["parameters"] = sum(math.prod(w["shape"]) for w in manifest["weights"])
     privacy = report["summary"].get("privacy") or {}
