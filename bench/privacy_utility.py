@@ -160,7 +160,8 @@ def main(argv=None) -> int:
               f"{mt['word_perplexity']:,.0f} | {eps_text} | {'∞' if eps_full is None else f'{eps_full:.3g}'} | "
               f"{pr.get('accountant', '—')} | {clip_text(c)} | {nsr} | {per_round} | {c['seconds']:.0f} s |")
     for mechanism in dict.fromkeys(c["mechanism"] for c in cells):
-        sampling = next((c["privacy"].get("sampling") for c in cells if c["mechanism"] == mechanism
+        noised = [c for c in cells if c["mechanism"] == mechanism and c["privacy"].get("epsilon") is not None]
+        sampling = next((c["privacy"].get("sampling") for c in noised or cells if c["mechanism"] == mechanism
                          and c["privacy"].get("sampling")), None)
         if sampling:
             print(f"\n{mechanism}: {sampling}")
