@@ -10,11 +10,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
 import sys
+import threading
 
 import psutil
 
 _WORKER_NAME = "worker_binary"
+log = logging.getLogger(__name__)
 
 
 def tff_worker_children() -> list[psutil.Process]:
@@ -39,12 +42,22 @@ def stop_tff_workers(timeout: float = 5.0) -> int:
     service manager holding a dead pid, and the next computation would fail. Whatever remains
     after that is terminated.
     """
-    before = len(tff_worker_children())
+    workers = tff_worker_children()
+    before = len(workers)
     tff = sys.modules.get("tensorflow_federated")
     if tff is not None and before:
-        with contextlib.suppress(Exception):
-            tff.backends.native.set_sync_local_cpp_execution_context()
-        gc.collect()
+        # TFF's service manager stops its worker with SIGINT and then waits for it with no
+        # timeout; a worker that ignores the SIGINT (seen under load) would hang this process
+        # for good. The watchdog kills such a worker, which ends that wait.
+        watchdog = threading.Timer(timeout, _kill, args=(workers,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            with contextlib.suppress(Exception):
+                tff.backends.native.set_sync_local_cpp_execution_context()
+            gc.collect()
+        finally:
+            watchdog.cancel()
     workers = tff_worker_children()
     for proc in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -54,6 +67,13 @@ def stop_tff_workers(timeout: float = 5.0) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     return before
+
+
+def _kill(workers: list[psutil.Process]) -> None:
+    for proc in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            log.warning("TFF's worker_binary %d did not stop on SIGINT within the timeout: killing it", proc.pid)
+            proc.kill()
 
 
 atexit.register(stop_tff_workers)
