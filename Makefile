@@ -19,13 +19,15 @@ help:
 venv: $(STAMP)
 
 # Install order matters (see requirements/*.txt):
-#  1. TensorFlow 2.14.1 with tensorflow-federated's other requirements, resolved together;
+#  1. TensorFlow 2.14.1 with tensorflow-federated's other requirements, resolved together under our
+#     own pins (requirements/constraints.txt), so a package both stages need (cryptography, pulled
+#     in by google-auth) cannot resolve to a newer release in stage 1 than stage 3 allows;
 #  2. tensorflow-federated itself with --no-deps (its jax==0.4.14 pin cannot be served);
 #  3. fedkb and everything else under constraints frozen from step 1 plus our own pins.
 $(STAMP): requirements/tff-deps.txt requirements/tff.txt requirements/constraints.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23.2" wheel setuptools
-	$(PIP) install -q -r requirements/tff-deps.txt
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/tff-deps.txt
 	$(PIP) install -q --no-deps -r requirements/tff.txt
 	$(PIP) freeze --exclude-editable | grep -v '^-e ' > $(VENV)/stage1-constraints.txt
 	$(PIP) install -q -c $(VENV)/stage1-constraints.txt -c requirements/constraints.txt -e '.[train,server,data,dev]'
