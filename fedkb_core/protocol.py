@@ -125,6 +125,27 @@ class CheckinRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecAggTask:
+    """What a secure-aggregation round adds to a task: the modulus 2^modulus_bits the masked
+    vectors are summed in, whether every device weighs 1 (DP) or by its example count, and whether
+    the vector carries adaptive clipping's "not clipped" bit (docs/secure_aggregation.md)."""
+
+    modulus_bits: int
+    unit_weights: bool = False
+    count_unclipped: bool = False
+
+    @classmethod
+    def from_json(cls, body: Any) -> "SecAggTask":
+        w = "task.secagg"
+        task = cls(modulus_bits=_require(body, "modulus_bits", int, where=w),
+                   unit_weights=_require(body, "unit_weights", bool, where=w, optional=True, default=False),
+                   count_unclipped=_require(body, "count_unclipped", bool, where=w, optional=True, default=False))
+        if not 1 <= task.modulus_bits <= 32:
+            raise ProtocolError(f"{w}: modulus_bits must be within 1..32, got {task.modulus_bits}")
+        return task
+
+
+@dataclasses.dataclass(frozen=True)
 class RoundTask:
     """One device's work for one round (the server's RoundConfig as the device sees it)."""
 
@@ -144,6 +165,8 @@ class RoundTask:
     # unix seconds (<= deadline); past it without an upload, the server may give the task's slot
     # to another device, and an upload then gets 409 `task_expired`. Absent from older servers.
     report_by: float | None = None
+    # secure aggregation only (encoding "secagg"; docs/secure_aggregation.md)
+    secagg: SecAggTask | None = None
 
     @classmethod
     def from_json(cls, body: Any) -> "RoundTask":
@@ -161,7 +184,13 @@ class RoundTask:
             update_bits=_require(body, "update_bits", int, where=w, optional=True),
             rotation_seed=_require(body, "rotation_seed", int, where=w, optional=True),
             report_by=_require(body, "report_by", float, where=w, optional=True),
+            secagg=_secagg_task(body, w),
         )
+
+
+def _secagg_task(body: Any, where: str) -> SecAggTask | None:
+    raw = _require(body, "secagg", dict, where=where, optional=True)
+    return None if raw is None else SecAggTask.from_json(raw)
 
 
 @dataclasses.dataclass(frozen=True)

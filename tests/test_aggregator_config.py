@@ -48,7 +48,7 @@ def test_secrets_are_required_outside_testing():
     ({"update_encoding": "int8"}, "update encoding must be one of"),  # removed: biased (docs/architecture.md)
     ({"update_encoding": "hadamard", "update_bits": 9}, "update bits must be an integer in 1..8"),
     ({"update_encoding": "hadamard", "update_bits": 0}, "update bits must be an integer in 1..8"),
-    ({"update_bits": 4}, "update bits apply to the hadamard encoding only"),
+    ({"update_bits": 4}, "update bits apply to the hadamard and secagg encodings only"),
     ({"clip_norm": "abc"}, "clip_norm"),
     ({"goal_clients": 2.5}, "not an integer"),
     ({"nonsense": 1}, "unknown setting 'nonsense'"),

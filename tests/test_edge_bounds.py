@@ -41,7 +41,7 @@ def test_a_task_within_the_bounds_has_no_problem():
     (dict(encoding="hadamard", update_bits=0, rotation_seed=1), "update bits must be an integer in 1..8"),
     (dict(encoding="hadamard", update_bits=4), "hadamard needs a rotation seed"),
     (dict(encoding="hadamard", update_bits=4, rotation_seed=-1), "hadamard needs a rotation seed"),
-    (dict(update_bits=4), "update bits apply to the hadamard encoding only"),
+    (dict(update_bits=4), "update bits apply to the hadamard and secagg encodings only"),
 ])
 def test_each_field_outside_its_bound_is_named(change, words):
     task = dataclasses.replace(GOOD, **change)

@@ -257,7 +257,7 @@ def test_encoding_requests_are_validated():
     assert "update bits must be" in UpdateEncoding("hadamard", 9, 0).problems()[0]
     assert "rotation seed" in UpdateEncoding("hadamard", 8, None).problems()[0]
     assert UpdateEncoding("hadamard", 8, None).problems(needs_seed=False) == []
-    assert "apply to the hadamard encoding only" in UpdateEncoding("float32", 8).problems()[0]
+    assert "apply to the hadamard and secagg encodings only" in UpdateEncoding("float32", 8).problems()[0]
     assert "must be one of" in UpdateEncoding("int8").problems()[0]
     with pytest.raises(ValueError, match="update bits"):
         encode_update(_deltas(), _meta(update_bits=0))

@@ -23,6 +23,8 @@ Messages (server → device unless said otherwise):
     ShareInbox         stage 2: the boxes sealed to this device by its neighbours in U2
     UnmaskRequest      stage 3: the device's neighbours in U2 split into survivors and dropped
     UnmaskResponse     device → server, stage 3: b-shares of survivors, s-shares of the dropped
+    SecAggStatus       every stage: the round's stage and this device's next action, with the
+                       NeighbourList, ShareInbox or UnmaskRequest that action needs
 
 Conventions: a device never appears in its own `NeighbourList.neighbours`; an `UnmaskRequest`'s
 `survivors` lists the device itself (it uploaded, or it would not be asked) as well as its
@@ -376,3 +378,75 @@ class UnmaskResponse:
         return cls(round_id=_require(body, "round_id", int, where=w),
                    self_seed_shares=_parse_bytes_map(body, "self_seed_shares", w, size=SHARE_BYTES),
                    mask_key_shares=_parse_bytes_map(body, "mask_key_shares", w, size=SHARE_BYTES))
+
+
+STAGES = ("advertising", "sharing", "input", "unmasking", "finished", "abandoned")
+ACTIONS = ("wait", "share", "upload", "unmask", "done", "dropped")
+_ACTION_PAYLOAD = {"share": "neighbours", "upload": "inbox", "unmask": "unmask"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggStatus:
+    """The server's answer to every SecAgg request: the round's stage and this device's next step.
+
+    `action` is one of ACTIONS; `share` comes with `neighbours`, `upload` with `inbox`, `unmask`
+    with `unmask` (and no other action carries any of the three); `wait` with a `retry_after` in
+    seconds; `dropped` with a `reason` (why this device is out of the round).
+    """
+
+    round_id: int
+    stage: str
+    action: str
+    retry_after: float | None = None
+    neighbours: NeighbourList | None = None
+    inbox: ShareInbox | None = None
+    unmask: UnmaskRequest | None = None
+    reason: str | None = None
+
+    WHERE = "secagg status"
+
+    def __post_init__(self):
+        w = self.WHERE
+        _check_round(self.round_id, w)
+        if self.stage not in STAGES:
+            raise ProtocolError(f"{w}: stage must be one of {', '.join(STAGES)}, got {self.stage!r:.40}")
+        if self.action not in ACTIONS:
+            raise ProtocolError(f"{w}: action must be one of {', '.join(ACTIONS)}, got {self.action!r:.40}")
+        for action, field in _ACTION_PAYLOAD.items():
+            present = getattr(self, field) is not None
+            if present != (self.action == action):
+                raise ProtocolError(f"{w}: {field!r} comes with action {action!r} and only with it")
+        field = _ACTION_PAYLOAD.get(self.action)
+        if field is not None and getattr(self, field).round_id != self.round_id:
+            raise ProtocolError(f"{w}: the {field} are for round {getattr(self, field).round_id}, "
+                                f"the status for round {self.round_id}")
+        if self.action == "wait" and (self.retry_after is None or not 0 <= self.retry_after <= 86_400):
+            raise ProtocolError(f"{w}: action 'wait' needs a retry_after in 0..86400 seconds")
+        if self.reason is not None and (not isinstance(self.reason, str) or len(self.reason) > 200):
+            raise ProtocolError(f"{w}: reason must be a string of at most 200 characters")
+
+    def to_json(self) -> dict:
+        out = {"round_id": self.round_id, "stage": self.stage, "action": self.action}
+        for name in ("retry_after", "reason"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        for name in ("neighbours", "inbox", "unmask"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, body: Any) -> "SecAggStatus":
+        w = cls.WHERE
+
+        def part(name, kind):
+            raw = _require(body, name, dict, where=w, optional=True)
+            return None if raw is None else kind.from_json(raw)
+
+        return cls(round_id=_require(body, "round_id", int, where=w),
+                   stage=_require(body, "stage", str, where=w),
+                   action=_require(body, "action", str, where=w),
+                   retry_after=_require(body, "retry_after", float, where=w, optional=True),
+                   neighbours=part("neighbours", NeighbourList), inbox=part("inbox", ShareInbox),
+                   unmask=part("unmask", UnmaskRequest),
+                   reason=_require(body, "reason", str, where=w, optional=True))
