@@ -174,7 +174,7 @@ def device_cpu(root: Path, degrees, repeats: int) -> list[dict]:
         timings = {"advertise": [], "share": [], "receive": [], "mask": [], "unmask": []}
         for rep in range(repeats):
             folder = root / f"k{k}-{rep}"
-            r = InProcessRound(folder, k + 1, length=VECTOR, bits=bits, degree=None, tolerated_dropout=0.0,
+            r = InProcessRound(folder, k + 1, length=VECTOR, bits=bits, degree=k, tolerated_dropout=0.0,
                                round_id=ROUND + rep)
             me = r.ids[0]
             for d in r.ids:
