@@ -84,9 +84,9 @@ def create_app(config: AggregatorConfig | Mapping[str, Any] | None = None) -> Fl
     register_error_handlers(app)
     app.after_request(add_security_headers)
     db.init_app(app)
-    from aggregator.routes import enrollment, models, operators, training
+    from aggregator.routes import enrollment, models, operators, secagg, training
 
-    for module in (enrollment, models, training, operators):
+    for module in (enrollment, models, training, secagg, operators):
         app.register_blueprint(module.bp)
 
     if config.background_worker:

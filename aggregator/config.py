@@ -111,14 +111,14 @@ class AggregatorConfig(TrainingConfig):
             raise ConfigError("; ".join(problems))
 
     @property
-    def max_assigned(self) -> int:
-        """How many devices one round hands tasks to: ceil(goal × over-selection)."""
-        return math.ceil(self.goal_clients * self.over_selection - 1e-9)
-
-    @property
     def task_report_window(self) -> float:
         """Seconds from a task to its report-by time (`report_window`, else round_timeout / 3)."""
         return self.report_window if self.report_window is not None else self.round_timeout / 3.0
+
+    @property
+    def secagg_stage_seconds(self) -> float:
+        """Seconds a SecAgg stage waits for its devices (`secagg_stage_timeout`, else the report window)."""
+        return self.secagg_stage_timeout if self.secagg_stage_timeout is not None else self.task_report_window
 
     def public_json(self) -> dict:
         """The settings without the secrets (for /v1/status and logs)."""

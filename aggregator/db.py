@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from flask import Flask, current_app, g
 
 from aggregator.rounds import ACTIVE_STATES, RoundRecord
+from aggregator.secagg_store import SCHEMA as SECAGG_SCHEMA
 from fedkb_core.durable import fsync_dir
 from fedkb_core.protocol import INT64_MAX
 
@@ -79,7 +80,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     dp_clipped_count_stddev REAL,
     dp_denominator INTEGER,
     dp_unclipped_fraction REAL,
-    dp_next_clip_norm REAL
+    dp_next_clip_norm REAL,
+    secagg_modulus_bits INTEGER
 );
 CREATE TABLE IF NOT EXISTS dp_noise_seeds (
     round_id INTEGER PRIMARY KEY,
@@ -117,7 +119,7 @@ CREATE TABLE IF NOT EXISTS rejections (
     bytes INTEGER NOT NULL,
     PRIMARY KEY (round_id, reason)
 );
-"""
+""" + SECAGG_SCHEMA  # secure aggregation's cohort tables (aggregator/secagg_store.py)
 
 
 def connect(state_dir: Path, *, busy_timeout: float = 30.0) -> sqlite3.Connection:
@@ -148,7 +150,8 @@ _ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL")),
                   "rounds": (("dp_noise_multiplier", "REAL"), ("dp_update_noise_multiplier", "REAL"),
                              ("dp_clipped_count_stddev", "REAL"), ("dp_denominator", "INTEGER"),
                              ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"),
-                             ("update_bits", "INTEGER"), ("rotation_seed", "INTEGER"))}
+                             ("update_bits", "INTEGER"), ("rotation_seed", "INTEGER"),
+                             ("secagg_modulus_bits", "INTEGER"))}
 
 
 def _add_missing_columns(conn) -> None:

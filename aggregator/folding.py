@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from aggregator import db
+from aggregator import db, secagg_stages
 from aggregator.dp import DPGaussianSum
 from aggregator.fedavg import ClippedSum, WeightedSum
+from aggregator.masked_sum import MaskedSum
 from fedkb_core.durable import fsync_dir, remove_temps
 from aggregator.model_store import save_tensors
 from aggregator.rounds import RoundRecord, state_after_quarantine
@@ -175,6 +176,19 @@ class RoundSum:
         self.last_folded_id = last_folded_id
         self.unclipped = unclipped
 
+    @property
+    def count(self) -> int:
+        """Updates folded."""
+        return self.total.count
+
+    @property
+    def total_examples(self) -> int:
+        return self.total.total_examples
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """What the checkpoint stores: the float64 sum by name (`rotated` for a hadamard round)."""
+        return self.total.weighted_sum
+
     def in_weight_layout(self) -> "RoundSum":
         """This sum by weight name: itself, or for a rotated sum Rᵀ·Σ (float64) with its counters."""
         if not self.rotated:
@@ -217,8 +231,9 @@ class Folder:
     def checkpoint_path(self, round_id: int) -> Path:
         return self.sums_dir / f"{round_id}.safetensors"
 
-    def load(self, round_: RoundRecord, specs: list[WeightSpec]) -> RoundSum:
-        """The round's sum: cached, else from its checkpoint, else empty."""
+    def load(self, round_: RoundRecord, specs: list[WeightSpec]) -> RoundSum | MaskedSum:
+        """The round's sum: cached, else from its checkpoint, else empty (a SecAgg round's is a
+        `MaskedSum`, aggregator/masked_sum.py)."""
         if self._current is not None and self._current.round_id == round_.id:
             return self._current
         self._pending_delete.clear()
@@ -230,12 +245,19 @@ class Folder:
 
             _, meta, _ = read_header(raw)
             arrays = dict(sorted(st_load(raw).items()))  # name order, as `RoundSum` lays a new sum out
-            total = WeightedSum.restore(arrays, total_examples=int(meta["total_examples"]), count=int(meta["count"]))
-            current = RoundSum(round_, specs, total=total, last_folded_id=int(meta["last_folded_id"]),
-                               unclipped=int(meta.get("unclipped", 0)))
+            if round_.secure:
+                current = MaskedSum.restore(round_, self._vector_length(round_, specs), arrays,
+                                            count=int(meta["count"]), last_folded_id=int(meta["last_folded_id"]))
+            else:
+                total = WeightedSum.restore(arrays, total_examples=int(meta["total_examples"]),
+                                            count=int(meta["count"]))
+                current = RoundSum(round_, specs, total=total, last_folded_id=int(meta["last_folded_id"]),
+                                   unclipped=int(meta.get("unclipped", 0)))
             self.fold_seconds = float(meta.get("fold_seconds", 0.0))
-            log.info("resumed round sum", extra={"round_id": round_.id, "folded": total.count,
+            log.info("resumed round sum", extra={"round_id": round_.id, "folded": current.count,
                                                   "last_folded_id": current.last_folded_id})
+        elif round_.secure:
+            current = MaskedSum(round_, self._vector_length(round_, specs))
         else:
             current = RoundSum(round_, specs)
         self._current = current
@@ -243,7 +265,11 @@ class Folder:
         self._delete_folded_leftovers(current)
         return current
 
-    def _delete_folded_leftovers(self, current: RoundSum) -> None:
+    @staticmethod
+    def _vector_length(round_: RoundRecord, specs: list[WeightSpec]) -> int:
+        return round_.secagg_grid(sum(s.size for s in specs)).vector_length
+
+    def _delete_folded_leftovers(self, current: RoundSum | MaskedSum) -> None:
         conn = db.connect(self.state_dir)
         try:
             rows = conn.execute("SELECT blob FROM updates WHERE round_id = ? AND id <= ?",
@@ -286,15 +312,19 @@ class Folder:
             self.checkpoint(conn)
         return folded
 
-    def _add_blob(self, current: RoundSum, path: Path, specs: list[WeightSpec], num_examples: int) -> float:
-        """Add one accepted blob to the sum; return its norm before the server's clipping.
-        Nothing is added if it raises.
+    def _add_blob(self, current: RoundSum | MaskedSum, path: Path, specs: list[WeightSpec],
+                  num_examples: int) -> float | None:
+        """Add one accepted blob to the sum; return its norm before the server's clipping (None for
+        a masked input, which has none the server can see). Nothing is added if it raises.
 
         Raises:
             UpdateRejected, ValueError, FileNotFoundError: the blob is gone or no longer decodes
                 (damaged on disk since it was accepted).
         """
         raw = self._read_blob(path)
+        if isinstance(current, MaskedSum):
+            current.add(bytes(raw))
+            return None
         if current.rotated:
             return current.clipped.add_flat(decode_rotated(bytes(raw), specs).values, num_examples)
         values = self._flat_float32(raw, specs, current.total.layout)
@@ -330,9 +360,13 @@ class Folder:
             fresh = db.get_round(conn, round_id)
             db.drop_update(conn, int(row["id"]))
             db.count_rejection(conn, round_id, UNFOLDABLE, int(row["bytes"]))
-            state = state_after_quarantine(fresh)
-            reopened = {"outcome": None} if state != fresh.state else {}  # the close is decided anew
-            db.update_round(conn, round_id, accepted=max(0, fresh.accepted - 1), state=state, **reopened)
+            if fresh.secure:  # the cohort decides: input open, the device did not upload; later, no sum
+                db.update_round(conn, round_id, accepted=max(0, fresh.accepted - 1))
+                secagg_stages.input_lost(conn, fresh, row["device_id"], time.time())
+            else:
+                state = state_after_quarantine(fresh)
+                reopened = {"outcome": None} if state != fresh.state else {}  # the close is decided anew
+                db.update_round(conn, round_id, accepted=max(0, fresh.accepted - 1), state=state, **reopened)
         if path in self._pending_delete:
             self._pending_delete.remove(path)
         log.error("accepted update no longer folds: quarantined",
@@ -399,17 +433,16 @@ class Folder:
             return
         self.sums_dir.mkdir(exist_ok=True)
         meta = {"round_id": str(current.round_id), "last_folded_id": str(current.last_folded_id),
-                "total_examples": str(current.total.total_examples), "count": str(current.total.count),
+                "total_examples": str(current.total_examples), "count": str(current.count),
                 "fold_seconds": repr(self.fold_seconds), "unclipped": str(current.unclipped)}
-        save_tensors(self.checkpoint_path(current.round_id), current.total.weighted_sum, metadata=meta)
+        save_tensors(self.checkpoint_path(current.round_id), current.tensors(), metadata=meta)
         self._last_checkpoint = time.monotonic()
-        db.update_round(conn, current.round_id, folded=current.total.count,
-                        total_examples=current.total.total_examples)
+        db.update_round(conn, current.round_id, folded=current.count, total_examples=current.total_examples)
         for path in self._pending_delete:
             path.unlink(missing_ok=True)
         self._pending_delete.clear()
 
-    def current(self, round_id: int) -> RoundSum | None:
+    def current(self, round_id: int) -> RoundSum | MaskedSum | None:
         return self._current if self._current is not None and self._current.round_id == round_id else None
 
     def discard(self, round_id: int) -> None:
@@ -421,7 +454,11 @@ class Folder:
         shutil.rmtree(self.inbox_dir / str(round_id), ignore_errors=True)
 
     def remove_stale(self, active_round_id: int | None) -> None:
-        """Delete checkpoints and inboxes of rounds that are no longer active (crash leftovers)."""
+        """Delete checkpoints and inboxes of rounds that are no longer active (crash leftovers, or a
+        SecAgg round a request abandoned), and forget the sum of such a round."""
+        if self._current is not None and self._current.round_id != active_round_id:
+            self._current = None
+            self._pending_delete.clear()
         for path in list(self.sums_dir.glob("*.safetensors")) if self.sums_dir.is_dir() else []:
             if path.stem != str(active_round_id):
                 path.unlink(missing_ok=True)

@@ -14,8 +14,9 @@ import random
 import secrets
 
 from aggregator.adaptive_clipping import update_noise_multiplier
-from fedkb_core.protocol import CheckinResponse, RoundTask
-from fedkb_core.update_encoding import HADAMARD, UpdateEncoding
+from fedkb_core.protocol import CheckinResponse, RoundTask, SecAggTask
+from fedkb_core.secagg.integer_encoding import SecAggGrid, modulus_bits
+from fedkb_core.update_encoding import HADAMARD, SECAGG, UpdateEncoding
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
 ACTIVE_STATES = (OPEN, CLOSING)
@@ -39,8 +40,9 @@ class RoundRecord:
     batch_size: int
     max_examples: int
     encoding: str
-    update_bits: int | None = None  # hadamard only
-    rotation_seed: int | None = None  # hadamard only: drawn from the OS's CSPRNG at opening
+    update_bits: int | None = None  # hadamard and secagg only
+    rotation_seed: int | None = None  # hadamard and secagg only: drawn from the OS's CSPRNG at opening
+    secagg_modulus_bits: int | None = None  # secagg only: r, masked vectors are summed modulo 2^r
     assigned: int = 0
     accepted: int = 0
     folded: int = 0
@@ -67,12 +69,34 @@ class RoundRecord:
     def dp_enabled(self) -> bool:
         return self.dp_noise_multiplier is not None
 
+    @property
+    def secure(self) -> bool:
+        """Whether this round runs secure aggregation (docs/secure_aggregation.md)."""
+        return self.encoding == SECAGG
+
+    @property
+    def secagg_task(self) -> SecAggTask | None:
+        """What a SecAgg round's task adds: the modulus, unit weights under DP, and adaptive
+        clipping's "not clipped" bit inside the vector (the server cannot count it otherwise)."""
+        if not self.secure:
+            return None
+        return SecAggTask(modulus_bits=self.secagg_modulus_bits, unit_weights=self.dp_enabled,
+                          count_unclipped=self.dp_clipped_count_stddev is not None)
+
+    def secagg_grid(self, length: int) -> SecAggGrid:
+        """The round's common grid for a model of `length` parameters (what every device encodes on)."""
+        task = self.secagg_task
+        return SecAggGrid(bits=self.update_bits, modulus_bits=task.modulus_bits, clip_norm=self.clip_norm,
+                          length=length, rotation_seed=self.rotation_seed, max_examples=self.max_examples,
+                          weighted=not task.unit_weights, count_unclipped=task.count_unclipped)
+
     def task(self, report_by: float | None = None) -> RoundTask:
         """The task a device receives for this round (with its own report-by time, if it has one)."""
         return RoundTask(round_id=self.id, model_version=self.model_version, learning_rate=self.learning_rate,
                          epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples,
                          clip_norm=self.clip_norm, deadline=self.deadline, encoding=self.encoding,
-                         update_bits=self.update_bits, rotation_seed=self.rotation_seed, report_by=report_by)
+                         update_bits=self.update_bits, rotation_seed=self.rotation_seed, report_by=report_by,
+                         secagg=self.secagg_task)
 
     @property
     def update_encoding(self) -> UpdateEncoding:
@@ -106,9 +130,14 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
 
 
 def update_encoding_settings(config) -> dict:
-    """A round's upload encoding; a `hadamard` round's rotation seed is 63 bits of the OS's CSPRNG,
-    stored with the round (same INSERT, as durable as the round), so no device can prepare an
-    update for a rotation it knows in advance, and a restarted server decodes with the same seed."""
+    """A round's upload encoding; a `hadamard` or `secagg` round's rotation seed is 63 bits of the
+    OS's CSPRNG, stored with the round (same INSERT, as durable as the round), so no device can
+    prepare an update for a rotation it knows in advance, and a restarted server decodes with the
+    same seed. A `secagg` round's modulus r = b + ⌈log₂ max_assigned⌉ holds the sum of every task
+    it may hand out (the config refused r > 32 at start)."""
+    if config.update_encoding == SECAGG:
+        return dict(encoding=SECAGG, update_bits=config.update_bits, rotation_seed=secrets.randbits(63),
+                    secagg_modulus_bits=modulus_bits(config.update_bits, config.max_assigned))
     if config.update_encoding != HADAMARD:
         return dict(encoding=config.update_encoding)
     return dict(encoding=HADAMARD, update_bits=config.update_bits, rotation_seed=secrets.randbits(63))

@@ -15,6 +15,12 @@ Crash recovery is the same code: a restarted worker finds the closing round, loa
 folds what is left and publishes. Publishing is idempotent: a version folder left behind by a
 crash before its database row was written is removed and written again from the same inputs.
 
+A secure-aggregation round (docs/secure_aggregation.md) has no deadline outcome of its own: its
+stages close (aggregator/secagg_stages.py) on each pass that finds one due, the folder sums its
+masked inputs modulo 2^r, and at its close the cohort's answers unmask the sum, which is decoded and
+released as any round's (aggregator/secagg_release.py); a sum that cannot be unmasked or decoded
+abandons the round.
+
 A differentially private round (aggregator/dp.py) is released with noise from a seed committed to
 the database before the draw and deleted in the transaction that records the version, so a crash
 anywhere in between republishes the same noise, never a second draw.
@@ -29,7 +35,7 @@ import signal
 import threading
 import time
 
-from aggregator import db, dp_ftrl_release
+from aggregator import db, dp_ftrl_release, secagg_release, secagg_stages, secagg_store
 from aggregator.adaptive_clipping import next_clip_norm, unclipped_fraction
 from aggregator.dp import COUNT_NOISE, UPDATE_NOISE, new_noise_seed, noise_generator
 from aggregator.fedavg import ADAM_STEP, ServerStep, adam_step, server_step
@@ -38,6 +44,7 @@ from aggregator.model_store import ModelStore
 from aggregator.privacy import budget
 from aggregator.publish import publish_version
 from aggregator.rounds import ABANDONED, CLOSED, CLOSING, OPEN, RoundRecord, deadline_outcome, round_settings
+from aggregator.secagg_cohort import CohortAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +148,23 @@ class Worker:
     def _pass(self, conn, now: float) -> bool:
         round_ = db.active_round(conn)
         if round_ is None:
+            self.folder.remove_stale(None)  # a SecAgg round a request abandoned leaves its sum and inbox
             return self._open_round(conn, now) is not None
 
-        # Deadline.
-        outcome = deadline_outcome(round_, now)
+        # Deadline (a SecAgg round's: its stages').
+        if round_.secure:
+            if secagg_stages.due(conn, round_.id, now):
+                with db.transaction(conn):
+                    closed = secagg_stages.advance(conn, round_.id, now)
+                round_ = db.get_round(conn, round_.id)
+                if closed:
+                    log.info("secure aggregation stage closed", extra={"round_id": round_.id, "stages": closed,
+                                                                       "round_state": round_.state})
+                if round_.state == ABANDONED:
+                    return self._abandoned(conn, round_, now)
+            outcome = None
+        else:
+            outcome = deadline_outcome(round_, now)
         if outcome is not None:
             with db.transaction(conn):
                 fresh = db.get_round(conn, round_.id)
@@ -173,10 +193,18 @@ class Worker:
             round_ = db.get_round(conn, round_.id)  # accepted is final once the round is closing
             if round_.state != CLOSING:  # a quarantined blob reopened it (`rounds.state_after_quarantine`)
                 return True
-            if current is not None and current.total.count == round_.accepted:
+            if current is not None and current.count == round_.accepted:
                 self._close(conn, round_)
                 return True
         return folded > 0
+
+    def _abandoned(self, conn, round_: RoundRecord, now: float) -> bool:
+        """A SecAgg round ended without a sum: drop its running sum and inbox, open the next round."""
+        self.folder.discard(round_.id)
+        log.warning("round abandoned", extra={"round_id": round_.id, "outcome": round_.outcome})
+        self._notify(round_, ABANDONED, None)
+        self._open_round(conn, now)
+        return True
 
     def _open_round(self, conn, now: float) -> RoundRecord | None:
         """Open the next round, unless its release would spend more than the target ε (then None)."""
@@ -196,6 +224,10 @@ class Worker:
             settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now,
                                       previous=db.last_closed_round(conn))
             round_id = db.insert_round(conn, settings)
+            if settings.get("secagg_modulus_bits") is not None:  # secure aggregation: its cohort, at advertising
+                grid = db.get_round(conn, round_id).secagg_grid(sum(w.size for w in manifest.weights))
+                secagg_stages.open_cohort(conn, round_id, self.config, modulus_bits=grid.modulus_bits,
+                                          vector_length=grid.vector_length, now=now)
         log.info("round opened", extra={"round_id": round_id, "model_version": version,
                                         "goal_clients": self.config.goal_clients, "clip_norm": settings["clip_norm"],
                                         "dp_noise_multiplier": settings.get("dp_noise_multiplier")})
@@ -203,16 +235,35 @@ class Worker:
 
     def _close(self, conn, round_: RoundRecord) -> None:
         start = time.perf_counter()
-        current = self.folder.current(round_.id).in_weight_layout()  # a hadamard round's sum, rotated back
+        current = self.folder.current(round_.id)
         parent = round_.model_version
+        count, examples = current.count, current.total_examples
 
         # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.
         privacy, tree = {}, None
-        if round_.dp_enabled and self.config.dp_mechanism == "ftrl":
-            step, tree = self._ftrl_release(conn, round_, current)
-        else:
+        if round_.secure:
+            specs = self.store.specs(parent)
+            grid = round_.secagg_grid(sum(s.size for s in specs))
+            try:
+                decoded = self._unmask(conn, round_, current, grid)
+            except CohortAbandoned as err:
+                now = time.time()
+                with db.transaction(conn):
+                    secagg_stages.abandon(conn, round_, err.reason, err.message, now)
+                self._abandoned(conn, db.get_round(conn, round_.id), now)
+                return
             if round_.dp_enabled:
-                mean_delta, privacy = self._private_release(conn, round_, current)
+                mean_delta, privacy = self._private_release(conn, round_, secagg_release.private_sum(
+                    decoded, specs, round_, grid), count, decoded.unclipped)
+            else:
+                mean_delta = secagg_release.weighted_mean(decoded, specs)
+            step = self._server_step(parent, mean_delta)
+        elif round_.dp_enabled and self.config.dp_mechanism == "ftrl":
+            step, tree = self._ftrl_release(conn, round_, current.in_weight_layout())
+        else:
+            current = current.in_weight_layout()  # a hadamard round's sum, rotated back
+            if round_.dp_enabled:
+                mean_delta, privacy = self._private_release(conn, round_, current.clipped, count, current.unclipped)
             else:
                 mean_delta = current.total.mean()
             step = self._server_step(parent, mean_delta)
@@ -226,33 +277,36 @@ class Worker:
             shutil.rmtree(stale)
         publish_version(self.store, parent=parent, version=new_version, weights=step.weights,
                         velocity=step.velocity if self._keeps_optimizer_state else None,
-                        extra={"round_id": round_.id, "num_clients": current.total.count})
+                        extra={"round_id": round_.id, "num_clients": count})
         publish_seconds = time.perf_counter() - publish_start
 
         # Record, then open the next round at the new version.
         now = time.time()
         with db.transaction(conn):
             db.add_version(conn, version=new_version, parent_version=parent, round_id=round_.id,
-                           num_clients=current.total.count, total_examples=current.total.total_examples,
-                           publish_seconds=publish_seconds)
+                           num_clients=count, total_examples=examples, publish_seconds=publish_seconds)
             db.update_round(conn, round_.id, state=CLOSED, closed_at=now, published_version=new_version,
-                            folded=current.total.count, total_examples=current.total.total_examples,
+                            folded=count, total_examples=examples,
                             aggregate_seconds=aggregate_seconds, publish_seconds=publish_seconds,
                             outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached", **privacy)
             # Released: the seed has done its work, and with it the noise could be subtracted.
             db.forget_noise_seed(conn, round_.id)
             if tree is not None:  # DP-FTRL: a finished tree's seed has no further use
                 db.forget_tree_seeds_before(conn, tree.tree_index)
+            if round_.secure:  # the round's keys and shares have done their work
+                secagg_store.forget(conn, round_.id)
         self.folder.discard(round_.id)
         log.info("round closed", extra={"round_id": round_.id, "new_version": new_version,
-                                        "clients": current.total.count, "examples": current.total.total_examples,
+                                        "clients": count, "examples": examples,
                                         "aggregate_seconds": round(aggregate_seconds, 4),
                                         "publish_seconds": round(publish_seconds, 4)})
         self._notify(db.get_round(conn, round_.id), CLOSED, publish_seconds)
         self._open_round(conn, now)
 
-    def _private_release(self, conn, round_: RoundRecord, current) -> tuple[dict, dict]:
-        """The round's noised mean delta, and (adaptive clipping) the next clip norm's columns.
+    def _private_release(self, conn, round_: RoundRecord, release, count: int,
+                         unclipped: int | None) -> tuple[dict, dict]:
+        """The round's noised mean delta (`release`: a `DPGaussianSum`), and (adaptive clipping) the
+        next clip norm's columns from the `unclipped` count of the `count` updates.
 
         The seed is committed (synchronous=FULL) before any noise is drawn, and a seed already
         recorded for the round (a crash came between an earlier draw and the publication) is
@@ -260,10 +314,10 @@ class Worker:
         """
         with db.transaction(conn):
             seed = db.keep_noise_seed(conn, round_.id, new_noise_seed())
-        mean_delta = current.clipped.release(noise_generator(seed, UPDATE_NOISE))
+        mean_delta = release.release(noise_generator(seed, UPDATE_NOISE))
         columns = {}
         if self.config.dp_adaptive_clipping:
-            fraction = unclipped_fraction(current.unclipped, current.total.count, expected=round_.dp_denominator,
+            fraction = unclipped_fraction(unclipped or 0, count, expected=round_.dp_denominator,
                                           stddev=round_.dp_clipped_count_stddev or 0.0,
                                           rng=noise_generator(seed, COUNT_NOISE))
             columns = {"dp_unclipped_fraction": fraction,
@@ -272,6 +326,16 @@ class Worker:
                                                            learning_rate=self.config.dp_clip_learning_rate)}
         _crash_after_noise_if_asked()
         return mean_delta, columns
+
+    def _unmask(self, conn, round_: RoundRecord, current, grid):
+        """The decoded sum of the survivors' inputs: the cohort's answers remove the masks from the
+        folder's running sum (aggregator/secagg_release.py).
+
+        Raises:
+            CohortAbandoned: the sum cannot be unmasked or decoded.
+        """
+        cohort, _ = secagg_store.load(conn, round_.id, answers=secagg_store.ALL, running_sum=current.values)
+        return secagg_release.unmasked_sum(cohort, grid)
 
     def _ftrl_release(self, conn, round_: RoundRecord, current):
         """DP-FTRL (aggregator/dp_ftrl_release.py): the next weights from the parent's state, the

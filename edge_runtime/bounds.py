@@ -21,7 +21,8 @@ from typing import Any
 
 from fedkb_core.errors import FedkbError
 from fedkb_core.protocol import RoundTask
-from fedkb_core.update_encoding import ENCODINGS, UpdateEncoding
+from fedkb_core.secagg.integer_encoding import SecAggGrid
+from fedkb_core.update_encoding import SECAGG, TASK_ENCODINGS, UpdateEncoding
 
 MiB = 1 << 20
 _MAX_ID = 2 ** 63 - 1  # round ids and versions end up in SQLite and in file names
@@ -54,7 +55,7 @@ class TaskBounds:
     max_epochs: int = 50
     max_examples: int = 100_000  # the largest `max_examples` a task may ask for
     max_steps: int = 5_000  # epochs × batches per epoch on this device's windows
-    encodings: tuple[str, ...] = ENCODINGS
+    encodings: tuple[str, ...] = TASK_ENCODINGS  # `secagg`: this device takes part in secure aggregation
     min_retry_after: float = 1.0  # seconds: a server asking for less gets this
     max_retry_after: float = 6 * 3600.0  # seconds: a server asking for more gets this
 
@@ -70,9 +71,9 @@ class TaskBounds:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.min_retry_after > self.max_retry_after:
             raise ValueError("min_retry_after must not exceed max_retry_after")
-        unknown = [e for e in self.encodings if e not in ENCODINGS]
+        unknown = [e for e in self.encodings if e not in TASK_ENCODINGS]
         if unknown or not self.encodings:
-            raise ValueError(f"encodings must be a non-empty subset of {ENCODINGS}, got {self.encodings!r}")
+            raise ValueError(f"encodings must be a non-empty subset of {TASK_ENCODINGS}, got {self.encodings!r}")
 
 
 class TaskRefused(FedkbError):
@@ -104,7 +105,21 @@ def task_problems(task: RoundTask, bounds: TaskBounds) -> list[str]:
         problems.append(f"encoding {task.encoding!r} is not one of {', '.join(bounds.encodings)}")
     else:
         problems += UpdateEncoding(task.encoding, task.update_bits, task.rotation_seed).problems()
+        problems += _secagg_problems(task) if not problems else []
     return problems
+
+
+def _secagg_problems(task: RoundTask) -> list[str]:
+    """A `secagg` task must carry its parameters, and they must make a grid (docs/secure_aggregation.md,
+    "Task"; the weight count comes from the manifest later, so a stand-in length of 1 here)."""
+    if task.encoding != SECAGG:
+        return [] if task.secagg is None else [f"secagg parameters on a {task.encoding} task"]
+    if task.secagg is None:
+        return ["a secagg task without its secagg parameters (modulus_bits)"]
+    grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm, length=1,
+                      rotation_seed=task.rotation_seed, max_examples=task.max_examples,
+                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped)
+    return grid.problems()
 
 
 def check_task(task: RoundTask, bounds: TaskBounds) -> None:

@@ -23,6 +23,12 @@ than 0 or its size, RFC 9110 §8.6, or a `Transfer-Encoding`) is a `BadReply`. A
 the connection it came on is closed unread: bytes a server put after it are never taken for the
 next answer.
 
+Secure aggregation's stages (docs/secure_aggregation.md, "Over HTTP") are four more calls:
+`secagg_keys`, `secagg_status`, `secagg_shares`, `secagg_unmask`, each answered with a
+`SecAggStatus` (the round's stage and this device's next action); the masked vector goes through
+`upload` like any update. Their 4xx answers (409 `secagg_conflict`, `secagg_wrong_stage`, 400 with
+the cohort's code, 403 `no_task`) are `ServerError`s, as every other refusal.
+
 Every reply is read as a stream against the device's own byte budget (`bounds.DownloadLimits`):
 a JSON answer, a manifest or a file that goes past it is cut off there, so an endless or huge
 body costs the device at most the budget in memory or on disk. A reply that is not the JSON the
@@ -49,11 +55,14 @@ from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import Manifest, ManifestError
 from fedkb_core.protocol import (CheckinRequest, CheckinResponse, DeviceState, EnrollRequest, EnrollResponse,
                                  ProtocolError, to_json)
+from fedkb_core.secagg.messages import KeyAdvertisement, SecAggStatus, ShareUpload, UnmaskResponse
 from fedkb_core.signing import MAX_SIGNATURE_BYTES
 
 log = logging.getLogger(__name__)
 
-DROP_CODES = ("round_closed", "stale_model_version")  # too late: drop the update, say nothing
+# Too late: drop the update, say nothing. `secagg_wrong_stage`: a masked upload after the round's
+# input stage closed (docs/secure_aggregation.md).
+DROP_CODES = ("round_closed", "stale_model_version", "secagg_wrong_stage")
 
 
 class ServerError(FedkbError):
@@ -406,6 +415,42 @@ class ServerClient:
                 finally:
                     response.close()
         raise AssertionError("unreachable")
+
+    # Secure aggregation ----------------------------------------------------------------------
+    def secagg_keys(self, advertisement: KeyAdvertisement) -> SecAggStatus:
+        """Stage 0: advertise the round's two public keys (`POST /v1/rounds/{id}/secagg/keys`).
+
+        Raises:
+            ServerError: 409 `secagg_conflict` (other keys already advertised), `secagg_wrong_stage`,
+                400 with the cohort's code (`duplicate_key`, `reused_key`, ...), 403 `no_task`.
+            BadReply: an answer that is not a `SecAggStatus` for this round.
+        """
+        return self._secagg("POST", advertisement.round_id, "/keys", advertisement.to_json())
+
+    def secagg_status(self, round_id: int) -> SecAggStatus:
+        """What this device must do now in round `round_id` (`GET /v1/rounds/{id}/secagg`)."""
+        return self._secagg("GET", round_id, "", None)
+
+    def secagg_shares(self, upload: ShareUpload) -> SecAggStatus:
+        """Stage 1: the boxes sealed to each neighbour (`POST /v1/rounds/{id}/secagg/shares`)."""
+        return self._secagg("POST", upload.round_id, "/shares", upload.to_json())
+
+    def secagg_unmask(self, response: UnmaskResponse) -> SecAggStatus:
+        """Stage 3: the shares the server asked for (`POST /v1/rounds/{id}/secagg/unmask`)."""
+        return self._secagg("POST", response.round_id, "/unmask", response.to_json())
+
+    def _secagg(self, method: str, round_id: int, suffix: str, body: dict | None) -> SecAggStatus:
+        path = f"/v1/rounds/{round_id}/secagg{suffix}"
+        kwargs = {} if body is None else {"json": body}
+        response, _ = self._request(method, path, ok=(200, 201), **kwargs)
+        answer = self._json_reply(response, f"{method} {path}")
+        try:
+            status = SecAggStatus.from_json(answer)
+        except (ProtocolError, TypeError, ValueError) as err:
+            raise BadReply(f"{method} {path}: {str(err)[:200]}") from None
+        if status.round_id != round_id:
+            raise BadReply(f"{method} {path}: the answer is for round {status.round_id}")
+        return status
 
     def upload(self, round_id: int, body: bytes) -> UploadResult:
         """Post an encoded update (fedkb_core.wire) for a round, retrying until the server answers.

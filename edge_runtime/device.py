@@ -17,6 +17,12 @@ https://arxiv.org/abs/1902.01046, §2–3):
 6. clip Δ, encode it (safetensors), keep it in the outbox, upload it, and clear the outbox once
    the server has it (or says it is too late).
 
+A task with encoding `secagg` (secure aggregation, docs/secure_aggregation.md) runs over several
+cycles instead (`edge_runtime.secagg_job`): the check-in's cycle advertises the round's keys, and
+while the device holds such a round every cycle, once the device is eligible and its outbox is
+empty, is one step of the round (the server's status: wait, share, train-mask-upload, unmask,
+done or dropped) instead of a check-in; the loop comes back after the status's retry-after.
+
 A long-running device survives what goes wrong in a cycle: an unreachable server, a refusal
 (4xx), a reply that is not what the protocol says, a task outside the device's own bounds
 (`bounds.TaskBounds`: refused before any work, "refused"), an update that came out non-finite
@@ -34,7 +40,8 @@ enrollment into `model_signing_keys.pem` and never replaced by the server afterw
 
 Files under `home`: `credentials.json` (0600), `model_signing_keys.pem` (the pinned key),
 `examples.sqlite` (the typed text; never sent), `models/` (verified versions), `job.safetensors`
-(an interrupted job), `outbox/` (an update waiting to be uploaded).
+(an interrupted job), `outbox/` (an update waiting to be uploaded), `secagg/` (0700: a secure
+aggregation round's keys, shares, task and encoded input; deleted with the round).
 """
 
 from __future__ import annotations
@@ -54,20 +61,23 @@ import numpy as np
 from datasets.tokenizer import load_tokenizer
 from edge_runtime.bounds import DownloadLimits, TaskBounds, TaskRefused, check_steps, check_task, clamp_retry_after
 from edge_runtime.client import Credentials, ServerClient, ServerError, ServerUnavailable, UploadResult
+from edge_runtime.cycle_report import CycleReport
 from edge_runtime.device_state import DeviceStateProvider
 from edge_runtime.eligibility import EligibilityPolicy
 from edge_runtime.litert_model import TrainableCache
 from edge_runtime.model_store import ModelRejected, ModelStore
 from edge_runtime.scheduler import ABANDONED, COMPLETED, CheckpointStore, JobOutcome, Scheduler
+from edge_runtime.secagg_job import SecAggRounds
 from edge_runtime.store import ExampleSource, ExampleStore, RetentionPolicy
 from edge_runtime.suggester import LiveSuggester
-from edge_runtime.trainer import TrainingJob, job_key
+from edge_runtime.trainer import LocalUpdate, TrainingJob, job_key
 from edge_runtime.version_check import SUGGESTION_FILES, TRAINING_FILES
 from fedkb_core.durable import atomic_write, atomic_write_json
 from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import TOKENIZER_FILE, Manifest
 from fedkb_core.protocol import RoundTask
 from fedkb_core.signing import TrustedKeys
+from fedkb_core.update_encoding import SECAGG
 from fedkb_core.wire import UpdateMetadata, encode_update
 
 log = logging.getLogger(__name__)
@@ -92,28 +102,6 @@ class DeviceConfig:
     downloads: DownloadLimits = DownloadLimits()  # byte budgets for what the server sends
     task_bounds: TaskBounds = TaskBounds()  # the tasks and waits this device accepts
     trusted_keys: TrustedKeys | None = None  # model signing keys; None: pin the server's at enrollment
-
-
-@dataclasses.dataclass(frozen=True)
-class CycleReport:
-    """What one cycle did (logged, printed by `fedkb device --format json`)."""
-
-    action: str  # ineligible | wait | no_data | model_rejected | refused | interrupted | abandoned | accepted |
-    #              duplicate | dropped | rejected | upload_failed | not_finite | error
-    reasons: tuple[str, ...] = ()
-    round_id: int | None = None
-    model_version: int | None = None
-    retry_after: float | None = None
-    num_examples: int = 0
-    update_norm: float | None = None
-    upload_bytes: int = 0
-    upload_attempts: int = 0
-    steps: int = 0
-    mean_loss: float | None = None
-    message: str | None = None  # for "error": what went wrong and what the operator can do
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, (), 0) or k == "action"}
 
 
 class Device:
@@ -147,6 +135,7 @@ class Device:
         self.scheduler = Scheduler(state=state, policy=config.policy,
                                    checkpoints=CheckpointStore(self.home / "job.safetensors"), clock=clock)
         self.outbox = self.home / "outbox"
+        self.secagg = SecAggRounds(self)
         self.suggester = LiveSuggester(num_threads=config.num_threads)
         if config.suggestions:
             if self.models.current_dir() is not None:
@@ -220,7 +209,11 @@ class Device:
             log.error("suggestions stay on model version %s: %s", self.suggester.version, err)
 
     def forget_user_data(self) -> None:
-        """Delete the typed text and everything derived from it (job checkpoint, pending update)."""
+        """Delete the typed text and everything derived from it (job checkpoint, pending update, a
+        secure aggregation round's encoded input: the device leaves that round)."""
+        held = self.secagg.held_round()
+        if held is not None:
+            self.secagg.forget(held)
         self.examples.delete_all()
         self.scheduler.checkpoints.clear()
         for f in self.outbox.glob("*") if self.outbox.is_dir() else []:
@@ -245,6 +238,9 @@ class Device:
             # A kept update went out (or failed again): that is this cycle's work. Going on would
             # report a check-in instead and judge "new examples" by a count the upload just reset.
             return flushed
+        stepped = self.secagg_step()  # a secure aggregation round under way needs no new examples
+        if stepped is not None:
+            return stepped
         if not verdict:  # too few new examples
             return CycleReport("ineligible", verdict.reasons)
 
@@ -271,6 +267,8 @@ class Device:
         except TaskRefused as err:
             return self._refused(task, err)
         self.scheduler.abandon_unless(task.round_id)
+        if task.encoding == SECAGG:  # advertise now; the stages come in later cycles (`secagg_step`)
+            return self.secagg.start(task)
         try:
             model_dir = self._model_for(task.model_version)
         except ModelRejected as err:
@@ -278,6 +276,13 @@ class Device:
             return CycleReport("model_rejected", (str(err),), round_id=task.round_id,
                                model_version=task.model_version)
         return self._train_and_upload(task, model_dir)
+
+    def secagg_step(self) -> CycleReport | None:
+        """One step of the secure aggregation round this device holds (None: it holds none). Asks
+        the server for the round's status and does what it says (`edge_runtime.secagg_job`)."""
+        if self.device_id is None:
+            return None
+        return self.secagg.step()
 
     def _model_for(self, version: int) -> Path:
         current = self.models.current_version
@@ -296,6 +301,28 @@ class Device:
                            message=str(err))
 
     def _train_and_upload(self, task: RoundTask, model_dir: Path) -> CycleReport:
+        trained = self._train(task, model_dir)
+        if isinstance(trained, CycleReport):
+            return trained
+        update, outcome, up_to = trained
+        where = dict(round_id=task.round_id, model_version=task.model_version)
+        body = encode_update(update.deltas, UpdateMetadata(
+            round_id=task.round_id, model_version=task.model_version, device_id=self.device_id,
+            num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
+            encoding=task.encoding, update_bits=task.update_bits, rotation_seed=task.rotation_seed))
+        self._keep_in_outbox(task, body, up_to)
+        report = dict(num_examples=update.num_examples, update_norm=update.update_norm, upload_bytes=len(body),
+                      steps=outcome.steps_run, mean_loss=update.mean_loss, **where)
+        result = self._upload(task.round_id, body, up_to)
+        if result is None:
+            return CycleReport("upload_failed", ("server_unavailable",), **report)
+        return CycleReport(result.status, (result.code,) if result.code else (), upload_attempts=result.attempts,
+                           **report)
+
+    def _train(self, task: RoundTask, model_dir: Path) -> tuple[LocalUpdate, JobOutcome, int] | CycleReport:
+        """Run the task's job under the scheduler: the clipped, finite update with its outcome and the
+        newest example id it trained on, or the cycle's report when there is none (no data, refused,
+        interrupted, abandoned, not finite)."""
         model, global_weights = self.trainables.load(model_dir)
         up_to = self.examples.last_id()
         where = dict(round_id=task.round_id, model_version=task.model_version)
@@ -328,18 +355,7 @@ class Device:
             log.warning("round %d: training gave a non-finite update (norm %s); not uploading it", task.round_id,
                         update.update_norm)
             return CycleReport("not_finite", ("non_finite_update",), steps=outcome.steps_run, **where)
-        body = encode_update(update.deltas, UpdateMetadata(
-            round_id=task.round_id, model_version=task.model_version, device_id=self.device_id,
-            num_examples=update.num_examples, clip_norm=update.clip_norm, update_norm=update.update_norm,
-            encoding=task.encoding, update_bits=task.update_bits, rotation_seed=task.rotation_seed))
-        self._keep_in_outbox(task, body, up_to)
-        report = dict(num_examples=update.num_examples, update_norm=update.update_norm, upload_bytes=len(body),
-                      steps=outcome.steps_run, mean_loss=update.mean_loss, **where)
-        result = self._upload(task.round_id, body, up_to)
-        if result is None:
-            return CycleReport("upload_failed", ("server_unavailable",), **report)
-        return CycleReport(result.status, (result.code,) if result.code else (), upload_attempts=result.attempts,
-                           **report)
+        return update, outcome, up_to
 
     # Uploads and the outbox ------------------------------------------------------------------
     def _upload(self, round_id: int, body: bytes, up_to: int) -> UploadResult | None:
@@ -446,8 +462,10 @@ def next_delay(report: CycleReport, poll_seconds: float) -> float:
     and a moment after real work (the next round may already be open)."""
     if report.action == "wait":
         return report.retry_after or poll_seconds
+    if report.action.startswith("secagg_") and report.action != "secagg_refused":
+        return report.retry_after or 1.0  # the round's next stage: back as soon as the server says
     if report.action in ("ineligible", "interrupted", "no_data", "upload_failed", "model_rejected", "refused",
-                         "not_finite", "error"):
+                         "not_finite", "error", "secagg_refused"):
         return poll_seconds
     return 1.0
 

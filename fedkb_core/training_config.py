@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from fedkb_core.update_encoding import DEFAULT_BITS, HADAMARD, UpdateEncoding
+from fedkb_core.secagg import graph, integer_encoding
+from fedkb_core.update_encoding import DEFAULT_BITS, HADAMARD, SECAGG, SECAGG_DEFAULT_BITS, UpdateEncoding
 
 # The server learning rate when none is given, by optimizer: FedAdam's measured 0.03 (Reddi et al.,
 # 2021), and 1.0 for SGD, which without momentum is plain FedAvg.
@@ -76,13 +77,33 @@ class TrainingConfig:
     dp_delta: float | None = None
     dp_target_epsilon: float | None = None
 
+    # Secure aggregation (docs/secure_aggregation.md): every round runs SecAgg+, so the server sums
+    # masked integer vectors and never sees one device's update. It sets update_encoding to secagg
+    # (update_bits 2..24, default 12). A device may lose secagg_tolerated_dropout of its neighbours
+    # (graph.thresholds); secagg_degree is the neighbour count k (None: graph.default_degree); a
+    # stage waits secagg_stage_timeout seconds for its devices (None: the task report window).
+    secure_aggregation: bool = False
+    secagg_tolerated_dropout: float = 0.2
+    secagg_degree: int | None = None
+    secagg_stage_timeout: float | None = None
+
     def __post_init__(self):
         if self.min_clients is None and isinstance(self.goal_clients, int):
             object.__setattr__(self, "min_clients", max(1, self.goal_clients // 2))
         if self.server_lr is None and self.server_optimizer in SERVER_LR:
             object.__setattr__(self, "server_lr", SERVER_LR[self.server_optimizer])
+        if self.secure_aggregation is True and self.update_encoding == "float32":  # the default: SecAgg's own
+            object.__setattr__(self, "update_encoding", SECAGG)
         if self.update_bits is None and self.update_encoding == HADAMARD:
             object.__setattr__(self, "update_bits", DEFAULT_BITS)
+        if self.update_bits is None and self.update_encoding == SECAGG:
+            object.__setattr__(self, "update_bits", SECAGG_DEFAULT_BITS)
+
+    @property
+    def max_assigned(self) -> int:
+        """How many devices one round hands tasks to: ceil(goal × over-selection) (a SecAgg round's
+        cohort bound m: its modulus must hold the sum of m vectors)."""
+        return math.ceil(self.goal_clients * self.over_selection - 1e-9)
 
     def training_problems(self) -> list[str]:
         """What is out of range, one message per setting (empty when valid)."""
@@ -111,7 +132,51 @@ class TrainingConfig:
         if self.device_epochs < 1 or self.device_max_examples < 1:
             problems.append("device_epochs and device_max_examples must be >= 1")
         problems += UpdateEncoding(self.update_encoding, self.update_bits).problems(needs_seed=False)
-        return problems + self.privacy_problems()
+        return problems + self.privacy_problems() + self.secagg_problems()
+
+    def secagg_problems(self) -> list[str]:
+        """What secure aggregation cannot honour, one message each (empty when valid or off)."""
+        if not self.secure_aggregation:
+            if self.update_encoding == SECAGG:
+                return [f"update_encoding {SECAGG} is chosen by secure_aggregation (--secure-aggregation), "
+                        "not by itself"]
+            return []
+        problems = []
+        if self.update_encoding != SECAGG:
+            problems.append(f"secure_aggregation uploads in the {SECAGG} encoding: update_encoding "
+                            f"{self.update_encoding!r} cannot be used with it (leave --update-encoding at its default)")
+        if self.min_clients is not None and self.min_clients < 2:
+            problems.append(f"secure_aggregation needs min_clients >= 2 (the sum of one device is its update), "
+                            f"got {self.min_clients}")
+        dropout = self.secagg_tolerated_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 0.5:
+            problems.append(f"secagg_tolerated_dropout must be a fraction in [0, 0.5), got {dropout!r}")
+            dropout = None
+        degree = self.secagg_degree
+        if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+            problems.append(f"secagg_degree must be an integer >= 1, got {degree!r}")
+            degree = None
+        timeout = self.secagg_stage_timeout
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            problems.append(f"secagg_stage_timeout must be a positive number of seconds, got {timeout!r}")
+        bits = self.update_bits
+        if self.update_encoding == SECAGG and isinstance(bits, int) and integer_encoding.MIN_BITS <= bits <= \
+                integer_encoding.MAX_BITS and self.max_assigned >= 1:
+            try:
+                integer_encoding.modulus_bits(bits, self.max_assigned)
+            except ValueError as err:
+                problems.append(f"secure_aggregation: {err} (the cohort is goal_clients x over_selection = "
+                                f"{self.max_assigned} devices; r = update_bits + ceil(log2 cohort) must be <= 32)")
+        if dropout is not None and self.max_assigned >= 2:
+            try:
+                graph.thresholds(self.max_assigned, degree=degree, tolerated_dropout=dropout)
+            except ValueError as err:
+                problems.append(f"secure_aggregation cannot run the over-selected cohort of {self.max_assigned} "
+                                f"devices (goal_clients x over_selection): {err}")
+        if self.dp_enabled and self.dp_mechanism == "ftrl":
+            problems.append("dp_mechanism ftrl is not built with secure_aggregation yet (the tree release has not "
+                            "been adapted to the unmasked sum and its larger sensitivity): use dp_mechanism fedavg")
+        return problems
 
     @property
     def dp_enabled(self) -> bool:
@@ -221,7 +286,10 @@ _DERIVED_HELP = {
     "dp_delta": "1 / dp_population**1.1",
     "dp_target_epsilon": "none, no budget",
     "dp_tree_restart_period": "none, one tree",
-    "update_bits": f"{DEFAULT_BITS} with hadamard",
+    "update_bits": f"{DEFAULT_BITS} with hadamard, {SECAGG_DEFAULT_BITS} with secure aggregation",
+    "secagg_degree": "every other device up to 32 devices, then the smallest even k >= 3 log2 n that the "
+                     "tolerated dropout leaves unmaskable (fedkb_core.secagg.graph.default_degree)",
+    "secagg_stage_timeout": "the task report window",
 }
 
 

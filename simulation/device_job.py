@@ -6,6 +6,9 @@ Each emulated phone is a real `edge_runtime.device.Device` with its own home fol
 fleet's process, and the work half (`Device.run_task`: fetch and verify the task's version over
 HTTP into the edge runtime's `ModelStore`, train with LiteRT under the scheduler, clip, encode,
 keep the update in the outbox, upload it) in an executor worker, through `run_device_job`.
+With secure aggregation the work half is the phone's input step of its round instead
+(`Device.secagg_step`: its status, the inbox, training, encoding, masking, the upload), run by a
+new `Device` over the phone's home: everything the earlier stages left is on that disk.
 Nothing here imports TensorFlow, and nothing reads the server's files.
 
 What is emulated:
@@ -158,6 +161,9 @@ class DeviceJob:
     job_seconds: float = 600.0  # simulated duration of the whole job
     steps: int = 1  # the job's training steps (`job_steps`), to spread job_seconds over
     policy: EligibilityPolicy = POLICY
+    # Secure aggregation: the job is the device's step of its round's input stage (`Device.secagg_step`:
+    # the status, the inbox, training, encoding, masking, the upload), not `run_task`.
+    secagg: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +180,19 @@ class JobResult:
     requests: int = 0
     bytes_uploaded: int = 0
     bytes_downloaded: int = 0
+    # Secure aggregation: the cycle's action and reason (e.g. secagg_dropped, too_few_shared), the
+    # round's stage after it, and the CPU ms the device spent opening the inbox and masking, and
+    # encoding its update onto the round's grid.
+    action: str | None = None
+    reason: str | None = None
+    stage: str | None = None
+    secagg_ms: float = 0.0
+    encode_ms: float = 0.0
 
 
 # What a device's cycle report means for the fleet's participation counts.
 _STATUS = {"accepted": "accepted", "duplicate": "duplicate", "interrupted": "dropped", "abandoned": "dropped",
-           "dropped": "late", "no_data": "no_data"}
+           "dropped": "late", "no_data": "no_data", "secagg_dropped": "dropped", "secagg_refused": "dropped"}
 
 # Per process: the warm interpreter its devices share.
 _trainables: dict[int, TrainableCache] = {}
@@ -186,11 +200,15 @@ _trainables: dict[int, TrainableCache] = {}
 
 def result_of(device_id: str | None, report: CycleReport, seconds: float = 0.0) -> JobResult:
     status = _STATUS.get(report.action)
+    if report.action == "secagg_dropped" and report.reasons == ("missed_input",):
+        status = "late"  # the input stage closed at the goal before this phone's turn: over-selected
     if status is None:
         why = report.message or ",".join(report.reasons)
         status = f"rejected:{why}" if report.action == "rejected" else f"failed:{report.action}: {why}"
     return JobResult(device_id, status, report.num_examples, report.update_norm or 0.0, report.upload_bytes,
-                     seconds, report.mean_loss if report.mean_loss is not None else float("nan"), report.steps)
+                     seconds, report.mean_loss if report.mean_loss is not None else float("nan"), report.steps,
+                     action=report.action, reason=report.reasons[0] if report.reasons else None, stage=report.stage,
+                     secagg_ms=report.secagg_ms or 0.0, encode_ms=report.encode_ms or 0.0)
 
 
 def run_device_job(job: DeviceJob) -> JobResult:
@@ -209,7 +227,9 @@ def run_device_job(job: DeviceJob) -> JobResult:
         device = Device(config, state=state, client=client, examples=TokenStreamExamples(job.tokens),
                         trainables=_trainables.setdefault(job.num_threads, TrainableCache(num_threads=job.num_threads)))
         started = time.monotonic()
-        report = device.run_task(task)
+        report = device.secagg_step() if job.secagg else device.run_task(task)
+        if report is None:  # the device holds no SecAgg round (it dropped out earlier)
+            report = CycleReport("secagg_dropped", ("no_round_held",), round_id=task.round_id)
         result = result_of(device.device_id, report, time.monotonic() - started)
     except ServerUnavailable as err:
         result = JobResult(device.device_id if device else None, f"failed:server unavailable: {err}")

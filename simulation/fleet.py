@@ -8,6 +8,11 @@ parallel worker processes (train with LiteRT, upload), and some stop being eligi
 finish and drop out. The server aggregates and publishes the next version, which the fleet
 downloads over HTTP like a device, into the edge runtime's model store, and evaluates.
 
+With `--secure-aggregation` every phone runs every stage of every round with its own participant
+folder in its home, in phases (`simulation.secagg_round`): check-in and key advertisement,
+sharing, the worker pool's train-mask-upload step, unmasking, and a last step once the round has
+ended; the report gains each round's `secagg` counts.
+
 Every phone keeps its own model store and HTTP client, and the report counts, per round, what
 each phone's client moved (requests, request and response body bytes) in both halves of its
 cycle (`simulation.report.traffic_summary`); the fleet's own downloads for evaluation are not a
@@ -46,6 +51,7 @@ from fedkb_core.errors import FedkbError
 from fedkb_core.manifest import Manifest
 from fedkb_core.protocol import RoundTask
 from fedkb_core.training_config import TRAINING, TrainingConfig
+from fedkb_core.update_encoding import SECAGG
 from model.evaluation import EvalConfig, evaluate_weights
 from model.weights import Weights
 from simulation.availability import HOUR, AvailabilityConfig, draw_fleet
@@ -53,6 +59,7 @@ from simulation.device_job import (POLICY, DeviceJob, FleetClockState, JobResult
                                    job_steps, run_device_job)
 from simulation.executor import InlineExecutor, ProcessExecutor
 from simulation.report import Participation, RoundRecord, traffic_summary
+from simulation.secagg_round import SecAggRound
 from simulation.shared_files import prune, share
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,10 @@ log = logging.getLogger(__name__)
 PRIVACY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingConfig) if f.name.startswith("dp_"))
 # How devices upload (`fedkb serve`'s --update-encoding and --update-bits).
 UPDATE_FIELDS = ("update_encoding", "update_bits")
+# Secure aggregation (`fedkb serve`'s --secure-aggregation and --secagg-* flags).
+SECAGG_FIELDS = ("secure_aggregation", "secagg_tolerated_dropout", "secagg_degree", "secagg_stage_timeout")
 
-__all__ = ["POLICY", "PRIVACY_FIELDS", "UPDATE_FIELDS", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
+__all__ = ["POLICY", "PRIVACY_FIELDS", "SECAGG_FIELDS", "UPDATE_FIELDS", "FleetConfig", "ServerAccess", "ServerProcess", "run_fleet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,12 @@ class FleetConfig:
     dp_target_epsilon: float | None = TRAINING.dp_target_epsilon
     update_encoding: str = TRAINING.update_encoding
     update_bits: int | None = TRAINING.update_bits
+    # Secure aggregation, as `fedkb serve`'s --secure-aggregation and --secagg-* flags (SECAGG_FIELDS):
+    # every phone runs every stage (simulation.secagg_round).
+    secure_aggregation: bool = TRAINING.secure_aggregation
+    secagg_tolerated_dropout: float = TRAINING.secagg_tolerated_dropout
+    secagg_degree: int | None = TRAINING.secagg_degree
+    secagg_stage_timeout: float | None = TRAINING.secagg_stage_timeout
     round_hours: float = 1.0  # simulated time between rounds
     start_hour_utc: float = 22.0
     job_minutes: float = 10.0  # simulated duration of a device's job (dropout window)
@@ -134,8 +149,10 @@ def serve_arguments(config: FleetConfig) -> list[str]:
             "--server-momentum", str(config.server_momentum), "--server-optimizer", config.server_optimizer,
             "--device-lr", str(config.device_lr), "--device-epochs", str(config.device_epochs),
             "--device-max-examples", str(config.max_examples)]
-    for name in UPDATE_FIELDS + PRIVACY_FIELDS:
+    for name in UPDATE_FIELDS + PRIVACY_FIELDS + SECAGG_FIELDS:
         value = getattr(config, name)
+        if name in SECAGG_FIELDS and value == getattr(TRAINING, name):
+            continue  # the server's default already
         if value is True:
             args.append(_flag(name))
         elif value is not None and value is not False:
@@ -245,16 +262,25 @@ def _enroll(server: ServerAccess, client_ids: list[str], data: PreparedData, pat
     return phones
 
 
-def _select(eligible: list[_Phone], order) -> list[tuple[_Phone, RoundTask]]:
-    """The eligible phones check in in `order` until the server says the round is full."""
+def _select(eligible: list[_Phone], order, secagg: SecAggRound | None = None) -> list[tuple[_Phone, RoundTask]]:
+    """The eligible phones check in in `order` until the server says the round is full; with secure
+    aggregation each selected phone advertises its keys right after its check-in."""
     selected = []
     for i in order:
         answer = eligible[i].device.request_task()
         if isinstance(answer, RoundTask):
             selected.append((eligible[i], answer))
+            if secagg is not None and answer.encoding == SECAGG:
+                secagg.advertise(eligible[i].index, eligible[i].device, answer)
         elif isinstance(answer, CycleReport) and "round_full" in answer.reasons:
             break
     return selected
+
+
+def _secagg_stage(server: ServerAccess) -> str | None:
+    """The open round's SecAgg stage from the operator's status (`round.secagg.stage`), if shown."""
+    secagg = (server.status().get("round") or {}).get("secagg")
+    return secagg.get("stage") if isinstance(secagg, dict) else None
 
 
 def _plus(traffic: Traffic, job: JobResult) -> Traffic:
@@ -336,26 +362,37 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                 break
             eligible = [p for p in phones if can_continue(p.device.state.current(), POLICY)]  # awake, charging, Wi-Fi
             before = {p.index: dataclasses.replace(p.device.client.traffic) for p in eligible}
-            selected = _select(eligible, rng.permutation(len(eligible)))
-            moved = {p.index: p.device.client.traffic.since(before[p.index]) for p in eligible}
+            secagg = SecAggRound(server.end_round, lambda: _secagg_stage(server)) if config.secure_aggregation else None
+            selected = _select(eligible, rng.permutation(len(eligible)), secagg)
+            if secagg is not None:
+                secagg.share()  # (b): in this process, a few ms per phone
             for p in eligible:
                 share(p.device.models.root, pool)
             # Each selected phone runs its job under the edge runtime's scheduler on the simulated
-            # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out.
+            # clock: one whose night ends mid-job (unplugged, picked up, off Wi-Fi) drops out. With
+            # secure aggregation the job is the phone's input step (train, encode, mask, upload).
+            workers = selected if secagg is None else [(p, t) for p, t in selected
+                                                       if p.index in {m.key for m in secagg.input_members()}]
             jobs = [DeviceJob(server.url, str(p.home), dataclasses.asdict(t), data.train[p.client_id],
                               str(pool), seed=config.seed * 100_003 + round_number * 1009 + p.index,
                               pattern=patterns[p.index], availability=config.availability, sim_start=clock.now,
                               job_seconds=config.job_minutes * 60, steps=job_steps(
-                                  data.train[p.client_id], seq_len=manifest.seq_len, task=t), policy=POLICY)
-                    for p, t in selected]
+                                  data.train[p.client_id], seq_len=manifest.seq_len, task=t), policy=POLICY,
+                              secagg=secagg is not None)
+                    for p, t in workers]
             done = list(executor.run(run_device_job, jobs))
             results: list[JobResult] = [result for _, result in done]
             counted = [r for r in results if r.status in COUNTED]
             failed = [r.status for r in results if r.status.startswith("failed")]
             if failed:
                 log.warning("round %d: %d device jobs failed, first: %s", round_number, len(failed), failed[0])
+            phone_of = {str(p.home): p.index for p in phones}
+            if secagg is not None:
+                for job, r in done:
+                    secagg.record_input(phone_of[job.home], r)
+                secagg.unmask()  # (d): the survivors' shares; the stage closes once all answered
             status = server.status()
-            if status["model_version"] <= version:
+            if status["model_version"] <= version and secagg is None:
                 server.end_round()  # everyone who could has reported: close (or abandon) now
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -365,12 +402,14 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                         selected[0][1].round_id if selected else 0) or not selected:
                     break
                 time.sleep(0.1)
+            if secagg is not None:
+                secagg.finish()  # (e): every phone learns done or dropped and forgets the round
             new_version = status["model_version"]
             participation = Participation(eligible=len(eligible), selected=len(selected), completed=len(counted),
                                           dropped=sum(r.status == "dropped" for r in results) + len(failed),
                                           late=sum(r.status == "late" for r in results),
                                           rejected=sum(r.status.startswith("rejected") for r in results))
-            phone_of = {str(p.home): p.index for p in phones}
+            moved = {p.index: p.device.client.traffic.since(before[p.index]) for p in eligible}
             for job, r in done:
                 if isinstance(r, JobResult):
                     moved[phone_of[job.home]] = _plus(moved.get(phone_of[job.home], Traffic()), r)
@@ -389,7 +428,8 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                                              bytes_uploaded=traffic["bytes_uploaded"]["total"],
                                              bytes_downloaded=traffic["bytes_downloaded"]["total"], traffic=traffic,
                                              seconds=round(seconds, 2), sim_time=clock.now, examples=0, steps=0)
-            records.append(dataclasses.replace(record, privacy=(status.get("privacy") or {}).get("spent")))
+            records.append(dataclasses.replace(record, privacy=(status.get("privacy") or {}).get("spent"),
+                                               secagg=secagg.counts() if secagg is not None else None))
             bar.update(1)
             bar.set_postfix(v=version, clients=len(counted), word_ppl=f"{record.eval.word_perplexity:.0f}",
                             top1=f"{record.eval.top1:.3f}")

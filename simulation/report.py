@@ -6,7 +6,9 @@ and `eval` {token_perplexity, word_perplexity, top1, top3}, plus participation a
 Round 0 is the initial model, evaluated before any training. With differential privacy on, each
 round's `privacy` is the server's account after it (`/v1/admin/status` → `privacy.spent`: epsilon,
 delta, noise_multiplier, clip_norm, mechanism, accountant, sampling, epsilon_without_amplification,
-rounds; fedkb_core/privacy_accounting.py), and null without DP.
+rounds; fedkb_core/privacy_accounting.py), and null without DP. With secure aggregation, each
+round's `secagg` counts the phones at every stage and their CPU time (`simulation.secagg_round`),
+and is null without it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RoundRecord:
     examples: int = 0  # training windows behind the updates aggregated into this round's model
     steps: int = 0  # training steps (batches) behind them
     privacy: dict | None = None  # the server's privacy account after this round (`PrivacySpent.as_json`)
+    secagg: dict | None = None  # secure aggregation: the round's stage counts and CPU (simulation.secagg_round)
 
 
 def traffic_summary(moved: list[tuple[int, int, int]]) -> dict:

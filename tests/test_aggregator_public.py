@@ -76,8 +76,9 @@ def test_public_status_shows_no_paths_norms_counts_or_errors(busy_server):
     r = requests.get(f"{srv.url}/v1/status")
     assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
     public = r.json()
-    assert set(public) == {"time", "model_version", "round", "versions", "privacy"}
+    assert set(public) == {"time", "model_version", "round", "versions", "privacy", "secure_aggregation"}
     assert public["privacy"] is None  # DP off (tests/test_privacy_budget_http.py: with DP on)
+    assert public["secure_aggregation"] is False  # tests/test_secagg_server.py: on
     assert set(public["round"]) == {"id", "state", "model_version", "opened_at", "deadline"}
     assert public["round"]["id"] == detail["round"]["id"] and public["model_version"] == 1
     assert [set(v) for v in public["versions"]] == [{"version", "parent_version", "round_id", "created_at"}]

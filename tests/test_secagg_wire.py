@@ -110,3 +110,11 @@ def test_tensors_other_than_one_packed_vector_are_refused():
     with pytest.raises(UpdateRejected) as err:
         decode_masked(st_save({MASKED: tail}, metadata=meta), modulus_bits=17, vector_length=values.size)
     assert err.value.code == "malformed_update"
+
+
+def test_a_masked_upload_cut_short_is_malformed_not_an_internal_error():
+    values = _values()
+    body = encode_masked(values, 17, round_id=3, device_id="dev-a", model_version=2)
+    with pytest.raises(UpdateRejected) as err:
+        decode_masked(body[:-100], modulus_bits=17, vector_length=values.size)
+    assert err.value.code == "malformed_update" and "unreadable" in err.value.message

@@ -33,6 +33,12 @@ def _simulated(tmp_path, *argv: str) -> tuple[FleetConfig, TrainingConfig]:
     (("--clients-per-round", "8"), ("--goal-clients", "8")),  # min clients: half the goal in both
     (("--update-encoding", "hadamard"), ("--update-encoding", "hadamard")),  # 8 bits unless told, in both
     (("--update-encoding", "hadamard", "--update-bits", "3"), ("--update-encoding", "hadamard", "--update-bits", "3")),
+    # secure aggregation: the secagg encoding at 12 bits unless told, in both
+    (("--secure-aggregation",), ("--secure-aggregation",)),
+    (("--secure-aggregation", "--update-bits", "10", "--secagg-tolerated-dropout", "0.3", "--secagg-degree", "8",
+      "--secagg-stage-timeout", "45", "--clients-per-round", "30"),
+     ("--secure-aggregation", "--update-bits", "10", "--secagg-tolerated-dropout", "0.3", "--secagg-degree", "8",
+      "--secagg-stage-timeout", "45", "--goal-clients", "30")),
 ])
 def test_serve_and_simulate_resolve_to_the_same_settings(tmp_path, simulate_argv, serve_argv):
     fleet, simulated = _simulated(tmp_path, *simulate_argv)

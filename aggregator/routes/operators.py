@@ -23,7 +23,7 @@ import time
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from aggregator import db
+from aggregator import db, secagg_stages
 from aggregator.dashboard import dashboard_html
 from aggregator.errors import Conflict, NotFound
 from aggregator.privacy import privacy_json
@@ -41,6 +41,8 @@ def _round_json(conn, round_) -> dict:
     body = dataclasses.asdict(round_)
     body["rejected"] = db.rejections(conn, round_.id)
     body["accepted_updates"] = round_.accepted
+    if round_.secure:  # the cohort's stage, its deadline and devices per stage (frozen once it ended)
+        body["secagg"] = secagg_stages.status_json(conn, round_)
     return body
 
 
@@ -60,6 +62,7 @@ def public_status(conn, config) -> dict:
         "round": {k: getattr(active, k) for k in PUBLIC_ROUND_FIELDS} if active else None,
         "versions": [{k: v[k] for k in PUBLIC_VERSION_FIELDS} for v in db.versions(conn)],
         "privacy": privacy_json(conn, config, public=True),
+        "secure_aggregation": bool(config.secure_aggregation),
     }
 
 
@@ -72,9 +75,10 @@ def operator_status(conn, state) -> dict:
     for v in versions:
         raw = v.pop("eval_json")
         v["eval"] = json.loads(raw) if raw else None
-    # The chart shows the norms of the active round, or of the last finished one while it is empty.
-    norms_round = active if active is not None and active.accepted else next(
-        (r for r in recent if r.accepted), None)
+    # The chart shows the norms of the active round, or of the last finished one while it is empty
+    # (never a SecAgg round's: a masked input has no norm the server could see).
+    norms_round = active if active is not None and active.accepted and not active.secure else next(
+        (r for r in recent if r.accepted and not r.secure), None)
     last = next((r for r in recent if r.state in ("closed", "abandoned")), None)
     return {
         "time": time.time(),
@@ -132,19 +136,26 @@ def dashboard():
 @bp.post("/v1/admin/rounds/current/end")
 def end_round():
     """Move the open round's deadline to now: it closes if it has its minimum, else is abandoned.
+    A secure-aggregation round's current stage closes now instead, with the devices that acted
+    (aggregator/secagg_stages.py); the answer names the stages closed (`secagg_closed`).
 
     :raise 401: missing or wrong admin token.
     :raise 409: no round is open (`no_open_round`).
     """
     require_admin()
     conn = db.get_db()
+    closed = None
     with db.transaction(conn):
         active = db.active_round(conn)
         if active is None or active.state != "open":
             raise Conflict("no round is open", code="no_open_round")
-        db.update_round(conn, active.id, deadline=min(active.deadline, time.time()))
+        if active.secure:
+            closed = secagg_stages.advance(conn, active.id, time.time(), end_now=True)
+        else:
+            db.update_round(conn, active.id, deadline=min(active.deadline, time.time()))
     server().worker.wake()
-    return jsonify(round_id=active.id, accepted=active.accepted, min_clients=active.min_clients)
+    extra = {} if closed is None else {"secagg_closed": closed}
+    return jsonify(round_id=active.id, accepted=active.accepted, min_clients=active.min_clients, **extra)
 
 
 @bp.post("/v1/admin/evaluations")

@@ -12,6 +12,14 @@ transaction. A rejection changes nothing but the rejection counters.
 The body's content digest (sha256 of 4 MB, ~2 ms) is computed only when it is needed: to compare
 with an accepted update of the same device, or to record an update that passed validation.
 Writes go through the app's `db.GroupCommit`, so concurrent accepts share one commit.
+
+A secure-aggregation round (docs/secure_aggregation.md) hands out tasks only while its cohort is
+advertising (U1 is fixed when advertising closes), never reclaims a slot (a device waits for the
+stages before it can upload; its `report_by` is the round's deadline), and takes a masked upload
+(`fedkb_core.secagg.masked_wire`): its header is checked against the round's modulus and vector
+length, the cohort accepts it (input open, the device in U2, values below 2^r) in the transaction
+that records it, with no example count or norm (stored as 0: the server has none), and that
+transaction closes the input stage once it is complete (aggregator/secagg_stages.py).
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ import time
 
 from flask import Blueprint, jsonify, request
 
-from aggregator import db, rounds
+from aggregator import db, rounds, secagg_stages
 from aggregator.limits import update_size_limit
+from fedkb_core.secagg.masked_wire import decode_masked
 from aggregator.min_separation import MinSeparation
 from aggregator.errors import ApiError, BadRequest, Conflict, Forbidden, LengthRequired, NotFound, PayloadTooLarge
 from fedkb_core.clipping import global_norm, squared_norm
 from aggregator.folding import write_blob
 from aggregator.routes import authenticate_device, json_body, server
+from aggregator.routes.secagg import rejection_error
+from aggregator.secagg_cohort import SecAggRejected
 from fedkb_core.protocol import CheckinRequest, CheckinResponse, UploadResponse, to_json
 from fedkb_core.update_encoding import HADAMARD
 from fedkb_core.wire import UpdateRejected, decode_rotated, decode_update, read_header
@@ -61,24 +72,27 @@ def checkin():
             has_submitted=db.find_update(c, round_.id, device_id) is not None, now=now)
         if verdict == "assign" and not _separated_enough(c, state.config, round_, device_id):
             verdict = "min_separation"
+        if verdict == "assign" and round_.secure and not secagg_stages.assigning(c, round_.id):
+            verdict = "round_full"  # the cohort is fixed: a new device could not take part
         return verdict, None if task is None else task["report_by"]
 
     def assign(c):  # re-decide under the write lock: the last free slot may be gone
         fresh = db.active_round(c)
-        if fresh is not None and fresh.assigned >= fresh.max_assigned:
+        if fresh is not None and fresh.assigned >= fresh.max_assigned and not fresh.secure:
             reclaimed = db.reclaim_overdue_tasks(c, fresh.id, now)
             if reclaimed:
                 log.info("task slots reclaimed", extra={"round_id": fresh.id, "tasks": reclaimed})
                 fresh = db.get_round(c, fresh.id)
         verdict, report_by = decide(c, fresh)
         if verdict == "assign":
-            report_by = rounds.report_by(fresh, now, state.config.task_report_window)
+            window = state.config.task_report_window
+            report_by = fresh.deadline if fresh.secure else rounds.report_by(fresh, now, window)
             db.add_task(c, fresh.id, device_id, report_by)
         return fresh, verdict, report_by
 
     round_ = db.active_round(conn)
     decision, report_by = decide(conn, round_)
-    if decision == "round_full" and db.has_overdue_tasks(conn, round_.id, now):
+    if decision == "round_full" and not round_.secure and db.has_overdue_tasks(conn, round_.id, now):
         decision = "assign"  # a silent device's slot is free for the taking
     if decision == "assign":
         round_, decision, report_by = state.commits.run(assign)
@@ -142,7 +156,14 @@ def upload(round_id: int):
         if not round_.accepting(time.time()):
             raise Conflict(f"round {round_id} no longer accepts updates", code="round_closed")
 
-        meta, norm = _validate(body, state.store.specs(round_.model_version), round_)
+        specs = state.store.specs(round_.model_version)
+        if round_.secure:
+            masked = decode_masked(body, modulus_bits=round_.secagg_modulus_bits,
+                                   vector_length=round_.secagg_grid(sum(s.size for s in specs)).vector_length)
+            meta, norm = masked, None  # a masked vector has no norm the server could measure
+        else:
+            masked = None
+            meta, norm = _validate(body, specs, round_)
         if meta.round_id != round_id:
             raise UpdateRejected("round_mismatch", f"update is for round {meta.round_id}, posted to round {round_id}")
         if meta.device_id != device_id:
@@ -153,8 +174,11 @@ def upload(round_id: int):
                                  f"version {round_.model_version}")
         body_sha256 = _content_digest(body)
         try:
-            update_id = _accept(state, round_id, device_id, body, body_sha256, meta.num_examples, norm,
-                                meta.update_norm)
+            if masked is not None:  # nothing about one device's update but the masked vector itself
+                update_id = _accept(state, round_id, device_id, body, body_sha256, 0, 0.0, 0.0, masked=masked.values)
+            else:
+                update_id = _accept(state, round_id, device_id, body, body_sha256, meta.num_examples, norm,
+                                    meta.update_norm)
         except _Duplicate as twin:
             return _duplicate(twin.row, body_sha256)
     except (ApiError, UpdateRejected) as err:
@@ -163,7 +187,8 @@ def upload(round_id: int):
     state.worker.wake()
     state.metrics.request_seconds.labels("upload").observe(time.perf_counter() - start)
     log.info("update accepted", extra={"round_id": round_id, "device_id": device_id, "update_id": update_id,
-                                       "num_examples": meta.num_examples, "update_norm": round(norm, 6),
+                                       "num_examples": getattr(meta, "num_examples", None),
+                                       "update_norm": None if norm is None else round(norm, 6),
                                        "bytes": len(body), "ms": round(1000 * (time.perf_counter() - start), 2)})
     return jsonify(to_json(UploadResponse(status="accepted", update_id=update_id, update_norm=norm)))
 
@@ -227,12 +252,14 @@ def _duplicate(existing, body_sha256: str):
     if existing["body_sha256"] != body_sha256:
         raise Conflict(f"device already submitted update {existing['id']} for round {existing['round_id']}",
                        code="already_submitted")
+    norm = float(existing["update_norm"]) if existing["num_examples"] else None  # a masked input has none
     return jsonify(to_json(UploadResponse(status="accepted", update_id=int(existing["id"]), duplicate=True,
-                                          update_norm=float(existing["update_norm"]))))
+                                          update_norm=norm)))
 
 
-def _accept(state, round_id, device_id, body, body_sha256, num_examples, norm, device_norm) -> int:
-    """Write the blob durably, then record it in a transaction that re-checks the round.
+def _accept(state, round_id, device_id, body, body_sha256, num_examples, norm, device_norm, *, masked=None) -> int:
+    """Write the blob durably, then record it in a transaction that re-checks the round (and, for a
+    SecAgg round's `masked` input, has the cohort accept it and closes the input stage if complete).
 
     The transaction is shared with concurrent accepts and check-ins (`db.GroupCommit`): it fsyncs
     the inbox folder (the blob's new name) and commits with a WAL fsync before `run` returns, so
@@ -253,14 +280,23 @@ def _accept(state, round_id, device_id, body, body_sha256, num_examples, norm, d
         twin = db.find_update(c, round_id, device_id)
         if twin is not None:  # a concurrent retry won the race: answer as its duplicate
             raise _Duplicate(twin)
+        if fresh.secure:
+            secagg_stages.accept_input(c, fresh, device_id, masked, time.time())
         update_id = db.add_update(c, round_id=round_id, device_id=device_id, num_examples=num_examples,
                                   update_norm=norm, device_norm=device_norm, body_sha256=body_sha256,
                                   size=len(body), blob=str(blob.relative_to(state.config.state_dir)))
-        db.update_round(c, round_id, accepted=fresh.accepted + 1, state=rounds.state_after_accept(fresh))
+        if fresh.secure:  # the stages decide when the round closes
+            db.update_round(c, round_id, accepted=fresh.accepted + 1)
+            secagg_stages.advance(c, round_id, time.time())
+        else:
+            db.update_round(c, round_id, accepted=fresh.accepted + 1, state=rounds.state_after_accept(fresh))
         return update_id
 
     try:
         return state.commits.run(record, sync_dirs=[blob.parent])
+    except SecAggRejected as err:
+        blob.unlink(missing_ok=True)
+        raise rejection_error(err) from None
     except BaseException:
         blob.unlink(missing_ok=True)
         raise

@@ -59,7 +59,19 @@ DP_FLAGS = (
 UPDATE_FLAGS = (
     ("--update-encoding", "update_encoding", str,
      "float32 (exact), float16, or hadamard (rotation + unbiased stochastic rounding to --update-bits)"),
-    ("--update-bits", "update_bits", int, "bits per coordinate of a hadamard update, 1..8"),
+    ("--update-bits", "update_bits", int,
+     "bits per coordinate: of a hadamard update, 1..8; of a secure-aggregation grid, 2..24"),
+)
+# Secure aggregation (docs/secure_aggregation.md, "Over HTTP"); `fedkb simulate` takes the same.
+SECAGG_FLAGS = (
+    ("--secure-aggregation", "secure_aggregation", bool,
+     "every round runs SecAgg+: the server sums masked integer vectors and never sees one device's update "
+     "(uploads in the secagg encoding at --update-bits)"),
+    ("--secagg-tolerated-dropout", "secagg_tolerated_dropout", float,
+     "fraction of its neighbours a device may lose before the round cannot unmask it, in [0, 0.5)"),
+    ("--secagg-degree", "secagg_degree", int, "neighbours per device k (SecAgg+ graph)"),
+    ("--secagg-stage-timeout", "secagg_stage_timeout", float,
+     "seconds a SecAgg stage waits for its devices before it closes with those that acted"),
 )
 _SERVER_FLAGS = (
     ("--round-timeout", "round_timeout", float, "seconds from a round's opening to its deadline"),
@@ -77,7 +89,7 @@ _CONNECTION_FLAGS = (
      "open connections per worker process; further ones wait in the kernel's listen queue"),
     ("--keep-alive", "keep_alive", int, "seconds an idle kept-alive connection stays open"),
 )
-_FLAGS = _TRAINING_FLAGS + UPDATE_FLAGS + DP_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
+_FLAGS = _TRAINING_FLAGS + UPDATE_FLAGS + SECAGG_FLAGS + DP_FLAGS + _SERVER_FLAGS + _CONNECTION_FLAGS
 
 
 def register(subparsers) -> None:
@@ -123,6 +135,7 @@ def register(subparsers) -> None:
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     for title, flags in (("rounds, aggregation and device tasks (the settings the README measured)", _TRAINING_FLAGS),
                          ("update encoding (uploads)", UPDATE_FLAGS),
+                         ("secure aggregation (off unless --secure-aggregation is given)", SECAGG_FLAGS),
                          ("differential privacy (off unless --dp-noise-multiplier is given)", DP_FLAGS),
                          ("server", _SERVER_FLAGS),
                          ("connections (gunicorn; not with --dev)", _CONNECTION_FLAGS)):

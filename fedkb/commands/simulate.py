@@ -55,6 +55,7 @@ def register(subparsers) -> None:
     group.add_argument("--eval-words", type=int, default=150, help="word boundaries scored for top-k per round")
     group.add_argument("--vocab-size", type=int, default=8000, help="when preparing the data here")
     _add_update_arguments(parser)
+    _add_secagg_arguments(parser)
     _add_privacy_arguments(parser)
     add_model_arguments(parser)
     _add_canary_arguments(parser)
@@ -71,18 +72,32 @@ def _add_update_arguments(parser) -> None:
                            help=f"{text} {field_help(field)}%(default).0s")
 
 
-def _add_privacy_arguments(parser) -> None:
-    """`fedkb serve`'s differential-privacy flags, passed on to the server the fleet starts."""
-    from fedkb.commands.serve import DP_FLAGS
-
-    group = parser.add_argument_group("differential privacy (off unless --dp-noise-multiplier is given)")
-    for flag, field, kind, text in DP_FLAGS:
+def _add_flag_group(parser, title: str, flags) -> None:
+    """One group of `fedkb serve`'s (flag, field, type, help) flags, passed on to the server the
+    fleet starts, with the same defaults (TrainingConfig's)."""
+    group = parser.add_argument_group(title)
+    for flag, field, kind, text in flags:
         # "%(default).0s" prints nothing; field_help says the default (derived ones in words).
         if kind is bool:
             group.add_argument(flag, dest=field, action="store_true", help=f"{text} {field_help(field)}%(default).0s")
         else:
             group.add_argument(flag, dest=field, type=kind, default=getattr(TRAINING, field),
                                help=f"{text} {field_help(field)}%(default).0s")
+
+
+def _add_secagg_arguments(parser) -> None:
+    """`fedkb serve`'s secure-aggregation flags; every emulated phone then runs every stage of
+    every round (simulation.secagg_round)."""
+    from fedkb.commands.serve import SECAGG_FLAGS
+
+    _add_flag_group(parser, "secure aggregation (off unless --secure-aggregation is given)", SECAGG_FLAGS)
+
+
+def _add_privacy_arguments(parser) -> None:
+    """`fedkb serve`'s differential-privacy flags."""
+    from fedkb.commands.serve import DP_FLAGS
+
+    _add_flag_group(parser, "differential privacy (off unless --dp-noise-multiplier is given)", DP_FLAGS)
 
 
 def _add_canary_arguments(parser) -> None:
@@ -137,7 +152,7 @@ def fleet_config_from_args(args):
     from fedkb_core.errors import FedkbError
     from fedkb_core.training_config import TrainingConfig
     from model.evaluation import EvalConfig
-    from simulation.fleet import PRIVACY_FIELDS, UPDATE_FIELDS, FleetConfig
+    from simulation.fleet import PRIVACY_FIELDS, SECAGG_FIELDS, UPDATE_FIELDS, FleetConfig
 
     for name in ("clients", "clients_per_round", "rounds", "workers", "device_epochs", "max_examples"):
         if getattr(args, name) < 1:
@@ -156,18 +171,21 @@ def fleet_config_from_args(args):
                       if v is not None}
     privacy = {name: getattr(args, name) for name in PRIVACY_FIELDS}
     uploads = {name: getattr(args, name, getattr(TRAINING, name)) for name in UPDATE_FIELDS}
+    secagg = {name: getattr(args, name, getattr(TRAINING, name)) for name in SECAGG_FIELDS}
     if privacy["dp_population"] is None and privacy["dp_noise_multiplier"] is not None:
         privacy["dp_population"] = args.clients  # the fleet is the whole population
     training = TrainingConfig(goal_clients=args.clients_per_round, clip_norm=args.clip_norm,
                               server_optimizer=args.server_optimizer, server_lr=args.server_lr,
                               server_momentum=args.server_momentum, device_lr=args.device_lr,
                               device_epochs=args.device_epochs, device_max_examples=args.max_examples, **uploads,
-                              **privacy)
+                              **privacy, **secagg)
     problems = training.training_problems()
     if problems:
         raise FedkbError("; ".join(problems))
     if training.dp_enabled and getattr(args, "backend", "fedkb") != "fedkb":
         raise FedkbError("--dp-noise-multiplier runs on --backend fedkb only (the TFF reference has no DP here)")
+    if training.secure_aggregation and getattr(args, "backend", "fedkb") != "fedkb":
+        raise FedkbError("--secure-aggregation runs on --backend fedkb only (the TFF reference has no SecAgg here)")
     if training.update_encoding != TRAINING.update_encoding and getattr(args, "backend", "fedkb") != "fedkb":
         raise FedkbError("--update-encoding runs on --backend fedkb only (the TFF reference uploads float32)")
     return FleetConfig(
@@ -175,7 +193,7 @@ def fleet_config_from_args(args):
         seed=args.seed, device_lr=args.device_lr, device_epochs=args.device_epochs, max_examples=args.max_examples,
         clip_norm=args.clip_norm, server_lr=training.server_lr, server_momentum=args.server_momentum,
         server_optimizer=args.server_optimizer, round_hours=args.round_hours, **unless_default, **privacy,
-        update_encoding=training.update_encoding, update_bits=training.update_bits,
+        update_encoding=training.update_encoding, update_bits=training.update_bits, **secagg,
         eval=EvalConfig(seq_len=args.seq_len, max_windows=args.eval_windows, recall_samples=args.eval_words))
 
 

@@ -84,6 +84,9 @@ def decode_masked(body: bytes, *, modulus_bits: int, vector_length: int) -> Mask
         raise UpdateRejected("weight_mismatch", f"a masked upload holds one tensor {MASKED!r} of U8 {want}")
     try:
         packed = _st_load(bytes(body))[MASKED]
+    except Exception as err:  # safetensors raises its own error types for truncated data
+        raise UpdateRejected("malformed_update", f"tensor data is unreadable ({err})") from None
+    try:
         values = bitpack.unpack(packed, modulus_bits, vector_length).astype(np.uint32, copy=False)
     except ValueError as err:
         raise UpdateRejected("malformed_update", f"the masked values are not {modulus_bits}-bit packed ({err})") from None
