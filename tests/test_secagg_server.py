@@ -5,9 +5,11 @@ SecAgg rounds against devices emulated here: each is the edge runtime's real `Se
 (its own state folder) plus `integer_encoding.encode` of a small synthetic update, speaking the
 HTTP API. Checked: a round publishes the plain float32 round's weights within the grid's rounding
 bound and exactly the decoded sum of the survivors' vectors; dropouts at every stage still publish
-that exact sum; too many abandon the round with the reason; restarts and kill -9 resume the stage;
-no file or table of the server ever holds one device's unmasked vector; hostile messages get the
-documented codes and change nothing; with DP (noise 0) the release equals the plain DP round's.
+that exact sum; too many abandon the round with the reason; kill -9 at every stage resumes it (or
+abandons a round whose stage deadline passed while the server was down); two gunicorn processes
+serve concurrent devices to the exact sum; no file or table of the server ever holds one device's
+unmasked vector; hostile messages get the documented codes and change nothing; with DP (noise 0)
+the release equals the plain DP round's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,14 +102,17 @@ class SecAggDevice(Device):
         self.x = encode(vector, self.num_examples, grid, self.rng, unclipped=self.norm <= self.task_.clip_norm)
         return self.x
 
+    def masked_body(self) -> bytes:
+        """The masked upload (the participant masks one input per round: the same bytes every time)."""
+        y = self.participant.mask(self.x)
+        return encode_masked(y, self.task_.secagg.modulus_bits, round_id=self.round_id, device_id=self.device_id,
+                             model_version=self.task_.model_version)
+
     def upload_masked(self) -> requests.Response:
         st = self.status()
         assert st.action == "upload", st
         self.participant.receive(st.inbox)
-        y = self.participant.mask(self.x)
-        body = encode_masked(y, self.task_.secagg.modulus_bits, round_id=self.round_id, device_id=self.device_id,
-                             model_version=self.task_.model_version)
-        return self.upload(self.round_id, body)
+        return self.upload(self.round_id, self.masked_body())
 
     def unmask(self) -> requests.Response:
         st = self.status()
@@ -183,7 +189,10 @@ def secagg_tables(state_dir: Path) -> dict:
         conn.close()
 
 
-def _windows(data: bytes, size: int = 32, count: int = 17) -> list[bytes]:
+WINDOW = 32
+
+
+def _windows(data: bytes, size: int = WINDOW, count: int = 17) -> list[bytes]:
     """`count` windows spread evenly over `data`: any stored copy of a 16th of it contains one."""
     if len(data) <= size:
         return [data]
@@ -214,9 +223,14 @@ def assert_no_unmasked_update(state_dir: Path, devices) -> None:
                 haystacks += [v if isinstance(v, bytes) else v.encode() for v in row if isinstance(v, (bytes, str))]
     finally:
         conn.close()
-    for hay in haystacks:
-        for needle in needles:
-            assert needle not in hay, "the server holds a device's unmasked vector"
+    # Every window of every haystack, once (a window across the seam of two haystacks could only be
+    # a false alarm, and 32 bytes of a device's vector never match by chance): a set lookup per
+    # needle instead of a byte search, which zero-heavy needles and pages make slow.
+    everything = b"\x00<seam>\x00".join(haystacks)
+    windows = {everything[i: i + WINDOW] for i in range(len(everything) - WINDOW + 1)}
+    for needle in needles:
+        assert (needle not in windows) if len(needle) == WINDOW else (needle not in everything), (
+            "the server holds a device's unmasked vector")
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -540,75 +554,248 @@ def test_a_private_round_equals_the_plain_private_round_before_noise(make_server
     assert follower.take_task().clip_norm == pytest.approx(secure_round["dp_next_clip_norm"])
 
 
-def test_a_server_stopped_or_killed_mid_round_resumes_the_stage_and_publishes_the_right_sum(weights_model,
-                                                                                           tmp_path):
-    """`fedkb serve` (gunicorn) on one state folder: stopped and started during sharing, killed with
-    SIGKILL during input (one masked input folded and checkpointed, one perhaps not) and during
-    unmasking (two answers in). Each time the next process continues the stage with the same sets,
-    answers retries as before, and the round publishes exactly the decoded sum of the four inputs,
-    each counted once; nothing in the state folder is ever one device's vector."""
+def test_a_server_killed_at_every_stage_resumes_it_and_publishes_the_right_sum_or_abandons(weights_model, tmp_path):
+    """`fedkb serve` (gunicorn) on one state folder, SIGKILLed (its whole process group) at every
+    stage of a round of five devices (k = 4, t = 3), and restarted each time: while advertising (3 of
+    5 keys in), while sharing (2 boxes of 5 in), during input with the first masked input folded and
+    checkpointed and two more accepted but not checkpointed (`--checkpoint-interval 60` for that
+    process: its first fold checkpoints, the next ones wait), while unmasking (2 of 4 answers in),
+    and between the last answer and the publication (the test holds the folder lock, so no worker of
+    that process can start the release: the round is `closing` when it dies). The fifth device never
+    uploads, so its neighbours are asked for its mask key's shares. After each restart the phones
+    restart too (new participants over their state folders), the stage resumes with the same sets, a
+    device asked again gets the same question (keys, neighbour list, inbox, unmask request) and gives
+    the same answer, no device is ever asked for both kinds of share of one peer, and no file or
+    table of the server holds one device's vector. The round publishes exactly the decoded sum of the
+    four inputs, each counted once. A second round, killed while sharing with 2 of 5 boxes in, is
+    restarted after its stage deadline passed (the test moves the stage's start an hour back while
+    the server is down, as an hour of downtime would): the restarted server abandons it
+    (`secagg_too_few_shared`), publishes nothing and deletes its keys and boxes."""
+    from aggregator.folding import FolderLock
     from tests.fixtures_aggregator import SECRET
 
-    state = tmp_path / "state"
-    flags = ("--secure-aggregation", "--goal-clients", "4", "--over-selection", "1.0", "--min-clients", "2",
-             "--server-optimizer", "sgd", "--device-max-examples", str(MAX_EXAMPLES), "--checkpoint-interval", "0",
-             "--round-timeout", "600")
+    state, home = tmp_path / "state", tmp_path / "phones"
+    flags = ("--secure-aggregation", "--goal-clients", "5", "--over-selection", "1.0", "--min-clients", "2",
+             "--server-optimizer", "sgd", "--device-max-examples", str(MAX_EXAMPLES), "--round-timeout", "600")
     env = {"FEDKB_ENROLLMENT_SECRET": SECRET, "FEDKB_ADMIN_TOKEN": ADMIN, "FEDKB_WORKER_INTERVAL": "0.05"}
-    processes = []
+    processes, lock = [], FolderLock(state)
+    devices, earlier = [], []  # earlier: round 1's vectors, still searched for after round 2 began
 
-    def serve(port=None) -> ServeProcess:
-        proc = ServeProcess(state, weights_model, *flags, log=tmp_path / "serve.log", port=port, env=env)
+    def serve(port=None, *, checkpoint="0") -> ServeProcess:
+        proc = ServeProcess(state, weights_model, *flags, "--checkpoint-interval", checkpoint,
+                            log=tmp_path / "serve.log", port=port, env=env)
         processes.append(proc)
         return proc
 
-    def reconnect(devices):
-        for d in devices:
+    def restart(proc: ServeProcess, *, hold_folder=False, downtime: float = 0.0, **kwargs) -> ServeProcess:
+        proc.kill9()
+        assert_no_unmasked_update(state, devices + earlier)
+        if hold_folder:
+            assert lock.try_acquire()
+        else:
+            lock.release()
+        if downtime:  # the clock moves on while the server is down
+            with sqlite3.connect(state / "fedkb.sqlite") as conn:
+                conn.execute("UPDATE secagg_cohorts SET stage_started_at = stage_started_at - ?", (downtime,))
+            conn.close()
+        proc = serve(proc.port, **kwargs)
+        assert_no_unmasked_update(state, devices + earlier)  # and once the new process began its work
+        for d in devices:  # the phones restart too: a new session and participant over the same folders
             d.http = requests.Session()
+            d.participant = SecAggParticipant(home / d.device_id, d.device_id)
+        return proc
+
+    def secagg_now(proc) -> dict:
+        return status(proc.url)["round"]["secagg"]
+
+    asked, answers = {}, {}  # every UnmaskRequest each device was sent; its first answer
+
+    def unmask_request(d) -> object:
+        st = d.status()
+        assert st.action == "unmask", st
+        asked.setdefault(d.device_id, []).append(st.unmask)
+        return st.unmask
 
     proc = serve()
     try:
-        devices = fleet(proc.url, tmp_path / "phones", 4, seed=500, examples=[89, 30, 60, 5])
+        devices += fleet(proc.url, home, 5, seed=500, examples=[89, 30, 60, 5, 40])
         task = [d.take_task() for d in devices][0]
+        rid = task.round_id
+        ids = [d.device_id for d in devices]
+
+        # Advertising: three of five keys committed.
+        for d in devices[:3]:
+            ok(d.advertise())
+        adverts = {d.device_id: d.participant.advertise(rid) for d in devices[:3]}
+        assert secagg_now(proc)["stage"] == "advertising"
+        proc = restart(proc)
+        assert secagg_now(proc)["counts"]["advertised"] == 3
+        for d in devices[:3]:  # asked again: the same keys, accepted again
+            assert d.participant.advertise(rid) == adverts[d.device_id]
+            assert ok(d.advertise())["action"] == "wait"
+        for d in devices[3:]:
+            ok(d.advertise())
+
+        # Sharing: two of five devices' boxes committed.
+        lists = {d.device_id: d.status().neighbours for d in devices}
+        uploads = {d.device_id: d.participant.share(lists[d.device_id]) for d in devices[:2]}
+        for d in devices[:2]:
+            ok(d._post("/shares", uploads[d.device_id].to_json()))
+        assert secagg_now(proc)["stage"] == "sharing"
+        proc = restart(proc, checkpoint="60")
+        assert secagg_now(proc)["counts"]["shared"] == 2
+        for d in devices[:2]:
+            assert d.status().action == "wait"
+            assert d.participant.share(lists[d.device_id]) == uploads[d.device_id]
+            assert ok(d._post("/shares", uploads[d.device_id].to_json()))["action"] == "wait"
+        for d in devices[2:]:
+            assert d.status().neighbours == lists[d.device_id]
+            ok(d.share())
+
+        # Input: the first masked input folded and checkpointed, two more accepted but not checkpointed.
+        inboxes = {d.device_id: d.status().inbox for d in devices}
+        ok(devices[0].upload_masked())
+        wait_for(lambda: status(proc.url)["round"]["folded"] == 1, what="the first input folded and checkpointed")
+        for d in devices[1:3]:
+            ok(d.upload_masked())
+        inbox = state / "inbox" / str(rid)
+        assert status(proc.url)["round"]["folded"] == 1  # the checkpoint still holds one input only
+        assert all(list(inbox.glob(f"{d.device_id}-*")) for d in devices[1:3])  # two blobs not checkpointed
+        proc = restart(proc)
+        assert [d.status().action for d in devices[:3]] == ["wait"] * 3
+        for d in devices[3:]:
+            assert d.status().inbox == inboxes[d.device_id]
+        assert ok(devices[1].upload(rid, devices[1].masked_body()))["duplicate"] is True  # a retry: the same bytes
+        ok(devices[3].upload_masked())  # the fifth never uploads
+        assert end_stage(proc.url)["secagg_closed"] == ["input"]
+        wait_for(lambda: status(proc.url)["round"]["folded"] == 4, what="four inputs folded, each once")
+        assert devices[4].status().reason == "missed_input"
+
+        # Unmasking: two of four answers committed.
+        for d in devices[:4]:
+            unmask_request(d)
+        for d in devices[:2]:
+            answers[d.device_id] = d.participant.unmask(asked[d.device_id][0])
+            ok(d._post("/unmask", answers[d.device_id].to_json()))
+        assert secagg_now(proc)["stage"] == "unmasking"
+        proc = restart(proc, hold_folder=True)  # no worker of the next process can start the release
+        assert secagg_now(proc)["counts"]["unmasked"] == 2
+        for d in devices[:2]:
+            assert d.status().action == "wait"
+            assert d.participant.unmask(asked[d.device_id][0]) == answers[d.device_id]
+            assert ok(d._post("/unmask", answers[d.device_id].to_json()))["action"] == "wait"
+        for d in devices[2:4]:
+            assert unmask_request(d) == asked[d.device_id][0]
+            ok(d._post("/unmask", d.participant.unmask(asked[d.device_id][-1]).to_json()))
+        now = status(proc.url)
+        assert (now["round"]["state"], now["model_version"], now["worker"]["holds_lock"]) == ("closing", 1, False)
+        assert now["round"]["secagg"]["stage"] == "finished"
+
+        # Between the last answer and the publication: the round is closing, the release not begun.
+        proc = restart(proc)
+        wait_version(proc.url, 2)
+        start, new = published(state, 1), published(state, 2)
+        assert np.allclose(new, start + expected_mean(devices[:4], task), rtol=0, atol=1e-6)
+        last = status(proc.url)["last_round"]
+        assert last["id"] == rid and last["folded"] == 4 and last["secagg"]["counts"] == {
+            "advertised": 5, "shared": 5, "u2": 5, "uploaded": 4, "u3": 4, "unmasked": 4}
+        # Every device was asked one question, whatever the restarts (the last two before and after one).
+        assert [len(asked[d]) for d in ids[:4]] == [1, 1, 2, 2]
+        assert all(r == asked[d][0] for d in ids[:4] for r in asked[d])
+        kinds = {}  # peer -> the kinds of its shares anyone was asked for: one only
+        for d in ids[:4]:
+            request = asked[d][0]
+            assert set(request.survivors) == set(ids[:4]) and set(request.dropped) == {ids[4]}
+            for peer in set(request.survivors) - {d}:
+                kinds.setdefault(peer, set()).add("b")
+            for peer in request.dropped:
+                kinds.setdefault(peer, set()).add("s")
+        assert all(len(k) == 1 for k in kinds.values()) and kinds[ids[4]] == {"s"}
+
+        # Round 2: killed while sharing; its deadline passes while the server is down.
+        earlier += [SimpleNamespace(x=d.x, task_=d.task_, clipped=d.clipped) for d in devices]
+        assert_no_unmasked_update(state, earlier)
+        assert [d.take_task().round_id for d in devices] == [rid + 1] * 5
         for d in devices:
             ok(d.advertise())
         for d in devices[:2]:
             ok(d.share())
-        proc.stop()  # SIGTERM during sharing
-        proc = serve(proc.port)
-        reconnect(devices)
-        assert devices[0].status().action == "wait" and devices[2].status().action == "share"
-        for d in devices[2:]:
-            ok(d.share())
-
-        ok(devices[0].upload_masked())
-        wait_for(lambda: status(proc.url)["round"]["folded"] == 1, what="the first input folded")
-        ok(devices[1].upload_masked())
-        proc.kill9()  # during input
-        assert_no_unmasked_update(state, devices)
-        proc = serve(proc.port)
-        reconnect(devices)
-        assert devices[1].status().action == "wait"  # its input is in
-        for d in devices[2:]:
-            ok(d.upload_masked())
-        request = devices[0].status().unmask
-        for d in devices[:2]:
-            ok(d.unmask())
-        proc.kill9()  # during unmasking
-        assert_no_unmasked_update(state, devices)
-        proc = serve(proc.port)
-        reconnect(devices)
-        assert devices[0].status().action == "wait"
-        ok(devices[0]._post("/unmask", devices[0].participant.unmask(request).to_json()))  # a retry, after the crash
-        for d in devices[2:]:
-            ok(d.unmask())
-        wait_version(proc.url, 2)
-        start, new = published(state, 1), published(state, 2)
-        assert np.allclose(new, start + expected_mean(devices, task), rtol=0, atol=1e-6)
-        assert status(proc.url)["last_round"]["folded"] == 4
-        assert_no_unmasked_update(state, devices)
+        info = secagg_now(proc)
+        assert info["stage"] == "sharing" and info["counts"]["shared"] == 2
+        proc = restart(proc, downtime=3600.0)
+        last = wait_round(proc.url, rid + 1)
+        assert last["state"] == "abandoned" and last["outcome"].startswith("secagg_too_few_shared: ")
+        for d in devices:
+            st = d.status()
+            assert (st.stage, st.action, st.reason) == ("abandoned", "dropped", "secagg_too_few_shared")
+        assert status(proc.url)["model_version"] == 2 and not (state / "models" / "3").exists()
+        tables = secagg_tables(state)
+        assert tables["secagg_devices"] == [] and tables["secagg_boxes"] == []
+        assert_no_unmasked_update(state, devices + earlier)
     finally:
+        lock.release()
         for p in processes:
             p.stop()
+
+
+def test_two_gunicorn_workers_run_a_round_of_concurrent_devices_to_the_exact_sum(weights_model, tmp_path):
+    """`fedkb serve --workers 2`: six devices run every stage at once from their own threads, each
+    request on a new connection (so it lands on either process: both answer `/v1/admin/status`, one
+    holding the folder lock), polling for their next action. Stages close under SQLite's write lock
+    in whichever process took the last message, so none closes twice and no message is lost: the
+    counts are 6 at every stage, nothing was rejected, every device is told `done`, and the round
+    publishes exactly the decoded sum of the six vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from tests.fixtures_aggregator import SECRET
+
+    env = {"FEDKB_ENROLLMENT_SECRET": SECRET, "FEDKB_ADMIN_TOKEN": ADMIN, "FEDKB_WORKER_INTERVAL": "0.05"}
+    state = tmp_path / "state"
+    proc = ServeProcess(state, weights_model, "--workers", "2", "--threads", "4", "--secure-aggregation",
+                        "--goal-clients", "6", "--over-selection", "1.0", "--min-clients", "2", "--server-optimizer",
+                        "sgd", "--device-max-examples", str(MAX_EXAMPLES), "--checkpoint-interval", "0",
+                        "--round-timeout", "600", log=tmp_path / "serve.log", env=env)
+    try:
+        devices = fleet(proc.url, tmp_path / "phones", 6, seed=700, examples=[89, 30, 60, 5, 40, 89])
+        for d in devices:
+            d.http.headers["Connection"] = "close"  # a new connection per request: any process may answer
+        start = Barrier(len(devices))
+
+        def run(d: SecAggDevice) -> list[str]:
+            start.wait()
+            d.take_task()
+            ok(d.advertise())
+            actions = []
+            while True:
+                st = wait_for(lambda: (s := d.status()).action != "wait" and s, timeout=30, interval=0.02,
+                              what=f"{d.device_id}'s next action")
+                actions.append(st.action)
+                if st.action == "share":
+                    ok(d._post("/shares", d.participant.share(st.neighbours).to_json()))
+                elif st.action == "upload":
+                    d.participant.receive(st.inbox)
+                    ok(d.upload(d.round_id, d.masked_body()))
+                elif st.action == "unmask":
+                    ok(d._post("/unmask", d.participant.unmask(st.unmask).to_json()))
+                else:
+                    return actions
+
+        with ThreadPoolExecutor(len(devices)) as pool:
+            done = list(pool.map(run, devices))
+        assert done == [["share", "upload", "unmask", "done"]] * len(devices)
+        wait_version(proc.url, 2)
+        task = devices[0].task_
+        assert np.allclose(published(state, 2), published(state, 1) + expected_mean(devices, task), rtol=0, atol=1e-6)
+        last = status(proc.url)["last_round"]
+        assert last["id"] == task.round_id and last["folded"] == 6 and last["rejected"] == {}
+        stages = ("advertised", "shared", "u2", "uploaded", "u3", "unmasked")
+        assert last["secagg"]["counts"] == dict.fromkeys(stages, 6)
+        holders = set()
+        wait_for(lambda: holders.add(status(proc.url)["worker"]["holds_lock"]) or len(holders) == 2,
+                 what="both processes answering")
+    finally:
+        proc.stop()
 
 
 def test_a_masked_input_damaged_on_disk_counts_as_not_uploaded_while_input_is_open(make_server, weights_model,
