@@ -55,6 +55,16 @@ def _word_end(y_row: np.ndarray, mask_row: np.ndarray, start: int, word_start: n
 def evaluate_weights(weights: Weights, streams: dict[str, np.ndarray], word_start: np.ndarray,
                      config: EvalConfig = EvalConfig()) -> EvalResult:
     """Token/word perplexity on a window sample; top-1/top-3 on a sample of word boundaries."""
+    return evaluate_with_hits(weights, streams, word_start, config)[0]
+
+
+def evaluate_with_hits(weights: Weights, streams: dict[str, np.ndarray], word_start: np.ndarray,
+                       config: EvalConfig = EvalConfig()) -> tuple[EvalResult, np.ndarray]:
+    """`evaluate_weights`, plus the rank of the true word at every sampled boundary (0 = top-1,
+    -1 = not in the top 3), in boundary order. The boundaries depend on the streams and the config's
+    seed only, not on the weights, so two models' hits are paired boundary by boundary: their
+    difference in top-1 has a standard error from the paired differences, much smaller than two
+    independent samples' (bench/paired_eval.py)."""
     windows = sample_windows(streams, config)
     total_nll, tokens, words = 0.0, 0, 0
     boundary_states = []  # (window, position, h, c, logits)
@@ -80,6 +90,10 @@ def evaluate_weights(weights: Weights, streams: dict[str, np.ndarray], word_star
             ranks = [r for r, w in enumerate(words_k) if w.pieces == target]
             hits.append(ranks[0] if ranks else -1)
     hits = np.array(hits, dtype=np.int64)
+    return hits_result(hits, total_nll, tokens, words), hits
+
+
+def hits_result(hits: np.ndarray, total_nll: float, tokens: int, words: int) -> EvalResult:
     return EvalResult(
         token_perplexity=perplexity(total_nll, tokens),
         word_perplexity=perplexity(total_nll, words),
