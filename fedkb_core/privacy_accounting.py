@@ -29,8 +29,6 @@ import functools
 import math
 from typing import Mapping
 
-import dp_accounting
-from dp_accounting.rdp import rdp_privacy_accountant
 
 DP_FEDAVG, DP_FTRL = "dp-fedavg", "dp-ftrl"
 RDP_ACCOUNTANT = "rdp (dp_accounting RdpAccountant, Poisson-subsampled Gaussian)"
@@ -82,6 +80,11 @@ def rdp_epsilon_of(releases: Mapping[tuple[float | None, float], int], delta: fl
         return 0.0
     if any(not z for z, _ in releases):
         return math.inf
+    # Imported here, not at the top: dp_accounting takes a third of a second to import (its PLD
+    # package), which every `fedkb serve` start paid whether or not DP was on.
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     for (z, q), count in releases.items():
         event = dp_accounting.GaussianDpEvent(z)
