@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import SAMPLE_LINES, write_jsonl
+from tests.conftest import SAMPLE_LINES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -73,22 +73,14 @@ def enrolled_with_task(url: str, secret: str):
 
 @pytest.fixture(scope="session")
 def edge_model(tmp_path_factory) -> Path:
-    """A real exported version-1 folder (trainable + inference TFLite, tokenizer, manifest)."""
-    if "v1" not in _BUILT:
-        from datasets.prepare import PrepareConfig, prepare_dataset
-        from datasets.prepared import load_prepared
-        from datasets.splits import SplitConfig
-        from export.pipeline import export_model
-        from model.config import ModelConfig
+    """A real exported version-1 folder (trainable + inference TFLite, tokenizer, manifest).
 
-        root = tmp_path_factory.mktemp("edge_model")
-        src = write_jsonl(root / "users.jsonl", clients=12, lines_per_client=10)
-        prepare_dataset(PrepareConfig(dataset=f"jsonl:{src}", vocab_size=60, split=SplitConfig(min_words=10)),
-                        root / "data", progress=False)
-        config = ModelConfig(vocab_size=load_prepared(root / "data").vocab_size, **EDGE_TINY)
-        export_model(tokenizer_path=root / "data" / "tokenizer.model", out_dir=root / "v1", config=config)
-        _BUILT["v1"] = root / "v1"
-    return _BUILT["v1"]
+    The tiny model of tests.fixtures_model (EDGE_TINY is its TINY, on the same 12-client corpus
+    with a 60-piece vocabulary): one export serves both."""
+    from tests.fixtures_model import TINY, build_tiny_model
+
+    assert EDGE_TINY == TINY
+    return build_tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

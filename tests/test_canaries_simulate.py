@@ -26,7 +26,8 @@ from simulation.availability import AvailabilityConfig
 from simulation.canaries import CanaryConfig
 from simulation.fleet import FleetConfig
 from simulation.run import simulate
-from tests.fixtures_model import TINY, tiny_data  # noqa: F401  (the session fixture)
+from tests.fixtures_model import TINY, assert_seeded_model_used, seed_initial_model
+from tests.fixtures_model import tiny_config, tiny_data, tiny_model  # noqa: F401  (the session fixtures)
 from tests.test_simulation_fleet import ALWAYS_NIGHT, TINY_FLAGS, _simulate
 
 ENTRY_KEYS = {"phrase", "device", "repeats", "trained_rounds", "exposure", "rank", "candidates", "rank_method",
@@ -51,8 +52,9 @@ def _occurrences(tokens: np.ndarray, utterance: list[int]) -> int:
 
 
 def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices_training(
-        tiny_data, tmp_path, monkeypatch):
+        tiny_data, tiny_model, tmp_path, monkeypatch):
     data = load_prepared(tiny_data)
+    seeded = seed_initial_model(tmp_path / "run", tiny_model)  # this run's own export, already made
     jobs, evaluated = [], []
     real_job, real_evaluate = simulation.fleet.run_device_job, simulation.fleet.evaluate_weights
 
@@ -77,6 +79,7 @@ def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices
     report = simulate(dataset="tiny", data_dir=tiny_data, out=tmp_path / "run", fleet=fleet,
                       model=ModelConfig(vocab_size=data.vocab_size, **TINY), canaries=canaries, progress=False)
 
+    assert_seeded_model_used(report, seeded)
     entries = report["canaries"]
     assert len(entries) == 4 and all(set(e) == ENTRY_KEYS for e in entries)
     assert [e["repeats"] for e in entries] == [1, 16, 1, 16]
@@ -125,14 +128,17 @@ def test_canaries_typed_more_often_are_exposed_more_and_reach_only_their_devices
     assert written["canaries"] == entries and written["config"]["canaries"]["alphabet"] == list("01234567")
 
 
-def test_simulate_prints_the_canary_summary_and_reports_every_canary_with_dp_on_as_well(tiny_data, tmp_path):
+def test_simulate_prints_the_canary_summary_and_reports_every_canary_with_dp_on_as_well(tiny_data, tiny_model,
+                                                                                        tmp_path):
     out = tmp_path / "run"  # the audit is independent of the --dp-* settings
+    seeded = seed_initial_model(out, tiny_model)  # what TINY_FLAGS on tiny_data export
     result = _simulate(["simulate", "--data", str(tiny_data), "--out", str(out), "--clients", "4",
                         "--clients-per-round", "2", "--rounds", "2", "--workers", "1", "--round-hours", "0.5",
                         "--canaries", "3", "--canary-repeats", "2,5", "--canary-alphabet", "0,1,2,3,4,5,6,7",
                         "--canary-length", "3", "--dp-noise-multiplier", "0.5", *TINY_FLAGS], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
+    assert_seeded_model_used(report, seeded)
     entries = report["canaries"]
     assert [e["repeats"] for e in entries] == [2, 5, 2] and all(set(e) == ENTRY_KEYS for e in entries)
     assert len({e["device"] for e in entries}) == 3

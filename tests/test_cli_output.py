@@ -2,6 +2,7 @@
 is), and log lines print above a live progress bar instead of being glued to its end."""
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -18,6 +19,7 @@ import pytest
 
 from edge_runtime.litert_interpreter import NOTICE, without_notice
 from tests.fixtures_model import *  # noqa: F401,F403
+from tests.fixtures_model import assert_seeded_model_used, seed_initial_model
 
 TEXT_NOTICE = NOTICE.decode()
 
@@ -104,7 +106,10 @@ def _run_in_terminal(args: list[str], timeout: float) -> tuple[int, str]:
         os.close(fd)
 
 
-def test_simulate_logs_above_its_progress_bar_without_the_litert_notice(tiny_data, tmp_path):
+def test_simulate_logs_above_its_progress_bar_without_the_litert_notice(tiny_data, tiny_model, tmp_path):
+    # The run's initial model is tiny_model, the export of these flags on tiny_data (seed_initial_model):
+    # converting it makes no LiteRT interpreter, the devices' and the evaluation's do.
+    seeded = seed_initial_model(tmp_path / "run", tiny_model)
     status, output = _run_in_terminal(
         ["simulate", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--clients", "6",
          "--clients-per-round", "2", "--rounds", "3", "--workers", "1", "--round-hours", "0.5",
@@ -112,6 +117,7 @@ def test_simulate_logs_above_its_progress_bar_without_the_litert_notice(tiny_dat
          "--max-examples", "16", "--eval-windows", "16", "--eval-words", "10"], timeout=300)
 
     assert status == 0, output
+    assert_seeded_model_used(json.loads((tmp_path / "run" / "report.json").read_text()), seeded)
     assert re.search(r"rounds:\s+\d+%\|", output), "no progress bar was drawn:\n" + output
     round_logs = re.findall(r"INFO simulation\.fleet: round \d+", output)
     assert len(round_logs) == 3, output

@@ -9,6 +9,8 @@ import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from tests.conftest import write_jsonl
+from tests.fixtures_model import assert_seeded_model_used, seed_initial_model
+from tests.fixtures_model import tiny_config, tiny_data, tiny_model  # noqa: F401  (the session fixtures)
 from tests.test_simulation_fleet import TINY_FLAGS, _simulate
 
 CLIENTS, PER_ROUND, Z = 8, 3, 1.5
@@ -21,9 +23,12 @@ def _epsilon(rounds: int) -> float:
     return accountant.get_epsilon(CLIENTS ** -1.1)  # simulate's population is its fleet
 
 
-def test_report_has_epsilon_after_every_round_and_the_target_ends_the_run(tmp_path):
+def test_report_has_epsilon_after_every_round_and_the_target_ends_the_run(tiny_model, tmp_path):
     corpus = write_jsonl(tmp_path / "users.jsonl", clients=12, lines_per_client=10)
     out = tmp_path / "run"
+    # tiny_model is the export of TINY_FLAGS with the tokenizer this run trains on this corpus (the
+    # run checks that it is: a model of another tokenizer stops it).
+    seeded = seed_initial_model(out, tiny_model)
     target = (_epsilon(2) + _epsilon(3)) / 2
     result = _simulate(["simulate", "--dataset", f"jsonl:{corpus}", "--out", str(out), "--clients", str(CLIENTS),
                         "--clients-per-round", str(PER_ROUND), "--rounds", "4", "--workers", "1",
@@ -31,6 +36,7 @@ def test_report_has_epsilon_after_every_round_and_the_target_ends_the_run(tmp_pa
                         *TINY_FLAGS], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
+    assert_seeded_model_used(report, seeded)
     rounds = report["rounds"]
     assert rounds[0]["privacy"] is None  # the initial model: nothing released yet
     for r in rounds[1:]:

@@ -37,6 +37,7 @@ from simulation.device_job import ALWAYS_ELIGIBLE, DeviceJob, emulated_device, j
 from simulation.fleet import POLICY, FleetConfig, ServerProcess
 from tests.conftest import write_jsonl
 from tests.fixtures_model import *  # noqa: F401,F403
+from tests.fixtures_model import seed_initial_model
 
 JOB_SECONDS = 2 * HOUR
 AVAILABILITY = AvailabilityConfig()
@@ -202,20 +203,29 @@ def test_tff_backend_writes_the_same_report_shape_and_leaves_no_worker(simulated
     assert after <= before, "a TFF worker_binary outlived `fedkb simulate --backend tff`"
 
 
-def test_a_rerun_into_the_same_folder_uses_no_stale_model_versions(corpus, tmp_path):
+def test_a_rerun_into_the_same_folder_uses_no_stale_model_versions(simulated, corpus, tmp_path):
     # The new server numbers versions from 1 again: a device's cached "version 3" from the first
-    # run must not be trained on in the second.
-    out = tmp_path / "run"
+    # run must not be trained on in the second. The first run is `simulated` (device lr 1.0), its
+    # folder copied as it was left: data, initial model, server state and the devices' caches.
+    first, _ = simulated
+    out = shutil.copytree(first, tmp_path / "run", symlinks=True)
+    stale = {m: json.loads(m.read_text())["files"] for m in (out / "device_cache").glob("**/v*/manifest.json")}
+    assert any(m.parent.name != "v1" for m in stale), "the first run's devices cached no trained version"
     args = ["simulate", "--dataset", f"jsonl:{corpus}", "--out", str(out), "--clients", "8", "--clients-per-round",
             "3", "--rounds", "3", "--workers", "1", "--round-hours", "0.5", *TINY_FLAGS]
-    for lr in ("1.0", "0.3"):  # different training, so the versions differ between the runs
-        result = _simulate([*args, "--device-lr", lr], tmp_path)
-        assert result.returncode == 0, result.stderr
+    result = _simulate([*args, "--device-lr", "0.3"], tmp_path)  # different training, so the versions differ
+    assert result.returncode == 0, result.stderr
+
+    def served(manifest: Path) -> dict | None:  # the same version number's files on the new server
+        path = out / "server" / "models" / manifest.parent.name[1:] / "manifest.json"
+        return json.loads(path.read_text())["files"] if path.is_file() else None
+
+    # Had the rerun kept them, the first run's versions would show: one of its numbers means other files now.
+    assert any(files != served(m) for m, files in stale.items() if m.parent.name != "v1"), "the runs' versions agree"
     cached = sorted((out / "device_cache").glob("**/v*/manifest.json"))  # the fleet's and every worker's
     assert cached, "the devices cached no model version"
     for manifest in cached:
-        served = out / "server" / "models" / manifest.parent.name[1:] / "manifest.json"
-        assert json.loads(manifest.read_text())["files"] == json.loads(served.read_text())["files"], manifest
+        assert json.loads(manifest.read_text())["files"] == served(manifest), manifest
 
 
 _FLEET_SCRIPT = """
@@ -305,8 +315,12 @@ def test_sigterm_stops_the_simulation_with_its_server_and_workers(simulated, tmp
     import psutil
 
     out, _ = simulated
+    run = tmp_path / "run"
+    # The initial model `simulated` exported for the same data and flags: this run starts its
+    # server without converting one again (seed_initial_model says why that is the same run).
+    seed_initial_model(run, out / "initial_model")
     fedkb = Path(sys.executable).with_name("fedkb")
-    sim = subprocess.Popen([str(fedkb), "simulate", "--data", str(out / "data"), "--out", str(tmp_path / "run"),
+    sim = subprocess.Popen([str(fedkb), "simulate", "--data", str(out / "data"), "--out", str(run),
                             "--clients", "8", "--clients-per-round", "3", "--rounds", "500", "--workers", "2",
                             "--round-hours", "0.5", *TINY_FLAGS], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -323,7 +337,10 @@ def test_sigterm_stops_the_simulation_with_its_server_and_workers(simulated, tmp
             time.sleep(0.5)
         assert sim.poll() is None, sim.stderr.read()
         assert any("serve" in c.cmdline() for c in children), [c.cmdline() for c in children]
-        time.sleep(3)  # into the rounds
+        while not (run / "server" / "models" / "2").is_dir():  # into the rounds: one has published a version
+            assert sim.poll() is None, sim.stderr.read()
+            assert time.monotonic() < deadline, "no round published a version"
+            time.sleep(0.1)
         children = parent.children(recursive=True)
         sim.send_signal(signal.SIGTERM)
         assert sim.wait(timeout=120) == 130
