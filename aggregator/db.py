@@ -81,7 +81,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     dp_denominator INTEGER,
     dp_unclipped_fraction REAL,
     dp_next_clip_norm REAL,
-    secagg_modulus_bits INTEGER
+    secagg_modulus_bits INTEGER,
+    secagg_steps TEXT,
+    secagg_block_rms TEXT
 );
 CREATE TABLE IF NOT EXISTS dp_noise_seeds (
     round_id INTEGER PRIMARY KEY,
@@ -151,7 +153,8 @@ _ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL")),
                              ("dp_clipped_count_stddev", "REAL"), ("dp_denominator", "INTEGER"),
                              ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"),
                              ("update_bits", "INTEGER"), ("rotation_seed", "INTEGER"),
-                             ("secagg_modulus_bits", "INTEGER"))}
+                             ("secagg_modulus_bits", "INTEGER"), ("secagg_steps", "TEXT"),
+                             ("secagg_block_rms", "TEXT"))}
 
 
 def _add_missing_columns(conn) -> None:
@@ -449,6 +452,14 @@ def update_norms(conn, round_id: int, limit: int = 2000) -> list[float]:
 def last_closed_round(conn) -> RoundRecord | None:
     """The most recent round that published a version (abandoned ones released nothing)."""
     return _round(conn.execute("SELECT * FROM rounds WHERE state = 'closed' ORDER BY id DESC LIMIT 1").fetchone())
+
+
+def last_secagg_measurements(conn, count: int) -> list[RoundRecord]:
+    """The `count` most recent SecAgg rounds whose sums were measured (released, or refused as
+    overflowing), newest first: what a tuned grid's next steps follow."""
+    rows = conn.execute("SELECT * FROM rounds WHERE secagg_block_rms IS NOT NULL ORDER BY id DESC LIMIT ?",
+                        (int(count),)).fetchall()
+    return [_round(row) for row in rows]
 
 
 # Differential privacy: a round's noise seed lives in its own table, never in the round's record

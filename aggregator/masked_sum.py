@@ -1,4 +1,5 @@
-"""A SecAgg round's running sum: Σ y mod 2^r of its accepted masked uploads, as the folder keeps it.
+"""A SecAgg round's running sum: Σ y mod 2^32 of its accepted masked uploads (the body's low r bits
+its sum modulo 2^r), as the folder keeps it.
 
 The folder (aggregator/folding.py) treats it as it treats a plain round's `RoundSum`: it adds each
 accepted blob once, in row order, and checkpoints {sum, count, last_folded_id} atomically to
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from aggregator.rounds import RoundRecord
-from fedkb_core.secagg.integer_encoding import add_mod
+from fedkb_core.secagg.integer_encoding import MASK_BITS, add_mod
 from fedkb_core.secagg.masked_wire import MaskedUpload, decode_masked
 from fedkb_core.wire import UpdateRejected
 
@@ -24,7 +25,7 @@ MASKED_SUM = "masked_sum"  # the checkpoint's one tensor
 
 
 class MaskedSum:
-    """Σ y mod 2^r (uint32, the round's vector length) and how many inputs it holds."""
+    """Σ y mod 2^32 (uint32, the round's vector length) and how many inputs it holds."""
 
     total_examples = 0  # a masked input carries no example count
     unclipped = 0  # nor a clipped/unclipped verdict the server could read
@@ -34,6 +35,7 @@ class MaskedSum:
         self.round_id = round_.id
         self.modulus_bits = int(round_.secagg_modulus_bits)
         self.vector_length = int(vector_length)
+        self.tail_length = 2 if round_.secagg_task.count_unclipped else 1  # the weight (and the unclipped bit)
         self.values = np.zeros(self.vector_length, np.uint32) if values is None else np.array(values, np.uint32)
         if self.values.shape != (self.vector_length,):
             raise ValueError(f"a masked sum has {self.vector_length} values, got shape {self.values.shape}")
@@ -46,8 +48,9 @@ class MaskedSum:
         Raises:
             fedkb_core.wire.UpdateRejected, ValueError: the blob no longer decodes for this round.
         """
-        upload = decode_masked(body, modulus_bits=self.modulus_bits, vector_length=self.vector_length)
-        add_mod(self.values, upload.values, self.modulus_bits)
+        upload = decode_masked(body, modulus_bits=self.modulus_bits, vector_length=self.vector_length,
+                               tail_length=self.tail_length)
+        add_mod(self.values, upload.values, MASK_BITS)  # the body's low r bits are its sum modulo 2^r
         self.count += 1
 
     def count_norm(self, measured, reported) -> None:

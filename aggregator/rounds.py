@@ -10,12 +10,14 @@ come back after a jittered delay (pace steering), so a fleet does not return in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import secrets
 
 from aggregator.adaptive_clipping import update_noise_multiplier
 from fedkb_core.protocol import CheckinResponse, RoundTask, SecAggTask
-from fedkb_core.secagg.integer_encoding import SecAggGrid, modulus_bits
+from fedkb_core import hadamard
+from fedkb_core.secagg.integer_encoding import SecAggGrid, modulus_bits, tuned_steps
 from fedkb_core.update_encoding import HADAMARD, SECAGG, UpdateEncoding
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
@@ -42,7 +44,12 @@ class RoundRecord:
     encoding: str
     update_bits: int | None = None  # hadamard and secagg only
     rotation_seed: int | None = None  # hadamard and secagg only: drawn from the OS's CSPRNG at opening
-    secagg_modulus_bits: int | None = None  # secagg only: r, masked vectors are summed modulo 2^r
+    secagg_modulus_bits: int | None = None  # secagg only: r, the bits of every masked body value
+    # secagg without DP (the tuned grid): the step of every rotation block as a JSON list, frozen at
+    # opening; and, once the round's sum was measured, its block RMS per device (JSON), which the
+    # next round's steps follow (fedkb_core/secagg/integer_encoding.py, `tuned_steps`).
+    secagg_steps: str | None = None
+    secagg_block_rms: str | None = None
     assigned: int = 0
     accepted: int = 0
     folded: int = 0
@@ -80,15 +87,17 @@ class RoundRecord:
         clipping's "not clipped" bit inside the vector (the server cannot count it otherwise)."""
         if not self.secure:
             return None
+        steps = None if self.secagg_steps is None else tuple(json.loads(self.secagg_steps))
         return SecAggTask(modulus_bits=self.secagg_modulus_bits, unit_weights=self.dp_enabled,
-                          count_unclipped=self.dp_clipped_count_stddev is not None)
+                          count_unclipped=self.dp_clipped_count_stddev is not None, steps=steps)
 
     def secagg_grid(self, length: int) -> SecAggGrid:
         """The round's common grid for a model of `length` parameters (what every device encodes on)."""
         task = self.secagg_task
         return SecAggGrid(bits=self.update_bits, modulus_bits=task.modulus_bits, clip_norm=self.clip_norm,
                           length=length, rotation_seed=self.rotation_seed, max_examples=self.max_examples,
-                          weighted=not task.unit_weights, count_unclipped=task.count_unclipped)
+                          weighted=not task.unit_weights, count_unclipped=task.count_unclipped,
+                          tuned_steps=task.steps)
 
     def task(self, report_by: float | None = None) -> RoundTask:
         """The task a device receives for this round (with its own report-by time, if it has one)."""
@@ -109,13 +118,18 @@ class RoundRecord:
 
 
 def round_settings(config, *, model_version: int, batch_size: int, now: float,
-                   previous: RoundRecord | None = None) -> dict:
+                   previous: RoundRecord | None = None, length: int | None = None,
+                   measured: list[RoundRecord] = ()) -> dict:
     """The columns of a new round, frozen from the config at opening time.
 
     Args:
         previous: the last round that published a version; with adaptive clipping the new round
             clips at the norm that round chose (`dp_next_clip_norm`), so a restart continues the
             sequence. Without one (or without adaptive clipping) the clip norm is the config's.
+        length: the model's parameter count (a tuned SecAgg grid has one step per block of it).
+        measured: the last SecAgg rounds whose sums were measured (`secagg_block_rms`, at most
+            MEASURED_ROUNDS of them): a tuned grid's steps follow the largest of those with as
+            many blocks as the model; with none, they start from the prior.
     """
     settings = dict(model_version=model_version, state=OPEN, opened_at=now, deadline=now + config.round_timeout,
                     min_clients=config.min_clients, goal_clients=config.goal_clients,
@@ -126,6 +140,14 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
         settings.update(privacy_settings(config))
         if config.dp_adaptive_clipping and previous is not None and previous.dp_next_clip_norm is not None:
             settings["clip_norm"] = previous.dp_next_clip_norm
+    if config.secagg_tuned:
+        if length is None:
+            raise ValueError("a tuned secure aggregation grid needs the model's parameter count")
+        blocks = hadamard.num_blocks(length)
+        rows = [json.loads(m.secagg_block_rms) for m in measured if m.secagg_block_rms is not None]
+        rows = [row for row in rows if len(row) == blocks]  # a model of another size: not this one's
+        steps = tuned_steps(config.update_bits, config.max_assigned, settings["clip_norm"], blocks, rows or None)
+        settings["secagg_steps"] = json.dumps(steps)
     return settings
 
 
@@ -133,11 +155,13 @@ def update_encoding_settings(config) -> dict:
     """A round's upload encoding; a `hadamard` or `secagg` round's rotation seed is 63 bits of the
     OS's CSPRNG, stored with the round (same INSERT, as durable as the round), so no device can
     prepare an update for a rotation it knows in advance, and a restarted server decodes with the
-    same seed. A `secagg` round's modulus r = b + ⌈log₂ max_assigned⌉ holds the sum of every task
-    it may hand out (the config refused r > 32 at start)."""
+    same seed. A `secagg` round's modulus: on the fixed grid (DP) r = b + ⌈log₂ max_assigned⌉
+    holds the sum of every task it may hand out (the config refused r > 32 at start); on the tuned
+    grid r = b, and `round_settings` adds the steps that make the sum fit."""
     if config.update_encoding == SECAGG:
+        r = config.update_bits if config.secagg_tuned else modulus_bits(config.update_bits, config.max_assigned)
         return dict(encoding=SECAGG, update_bits=config.update_bits, rotation_seed=secrets.randbits(63),
-                    secagg_modulus_bits=modulus_bits(config.update_bits, config.max_assigned))
+                    secagg_modulus_bits=r)
     if config.update_encoding != HADAMARD:
         return dict(encoding=config.update_encoding)
     return dict(encoding=HADAMARD, update_bits=config.update_bits, rotation_seed=secrets.randbits(63))

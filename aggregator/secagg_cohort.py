@@ -89,12 +89,14 @@ class SecAggRejected(ValueError):
 
 
 class CohortAbandoned(Exception):
-    """The round cannot produce a sum; `reason` is a stable code."""
+    """The round cannot produce a sum; `reason` is a stable code. `block_rms`: what a sum that
+    overflowed its tuned grid measured (the next round's steps widen from it), else None."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, block_rms: tuple[float, ...] | None = None):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.block_rms = block_rms
 
 
 def key_hash(key: bytes) -> bytes:

@@ -15,7 +15,8 @@ longer re-clip what the rounding added.
 
 A round whose sum cannot be released raises `CohortAbandoned` (the cohort's `too_few_shares` or
 `inconsistent_shares`, or `undecodable`: the unmasked sum is not a sum of |U3| vectors on the grid,
-so it wrapped or a device sent values outside the grid, which masking hides from the server).
+so it wrapped or a device sent values outside the grid, which masking hides from the server; or
+`modulus_overflow`: a tuned grid's sum filled its range, so some coordinates likely wrapped).
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ from aggregator.dp import DPGaussianSum
 from aggregator.fedavg import Tensors, WeightedSum
 from aggregator.rounds import RoundRecord
 from aggregator.secagg_cohort import CohortAbandoned, SecAggCohort
-from fedkb_core.secagg.integer_encoding import DecodedSum, SecAggGrid, decode_sum
+from fedkb_core.secagg.integer_encoding import DecodedSum, ModulusOverflow, SecAggGrid, decode_sum
 from fedkb_core.wire import WeightSpec, split_by_name
 
 UNDECODABLE = "undecodable"
+MODULUS_OVERFLOW = "modulus_overflow"  # a tuned grid's sum filled its range: likely wrapped, not released
 
 
 def unmasked_sum(cohort: SecAggCohort, grid: SecAggGrid) -> DecodedSum:
     """The survivors' decoded sum.
 
     Raises:
-        CohortAbandoned: too_few_shares, inconsistent_shares (the cohort's), or `undecodable`.
+        CohortAbandoned: too_few_shares, inconsistent_shares (the cohort's), `undecodable`, or
+            `modulus_overflow` (a tuned grid's sum filled its range; with the block RMS it measured).
     """
     total = cohort.result()
     try:
         return decode_sum(total, grid, count=len(cohort.state.u3))
+    except ModulusOverflow as err:
+        raise CohortAbandoned(MODULUS_OVERFLOW, str(err), block_rms=err.block_rms) from None
     except ValueError as err:
         raise CohortAbandoned(UNDECODABLE, str(err)) from None
 

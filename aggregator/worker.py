@@ -28,6 +28,7 @@ anywhere in between republishes the same noise, never a second draw.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from aggregator.privacy import budget
 from aggregator.publish import publish_version
 from aggregator.rounds import ABANDONED, CLOSED, CLOSING, OPEN, RoundRecord, deadline_outcome, round_settings
 from aggregator.secagg_cohort import CohortAbandoned
+from fedkb_core.secagg.integer_encoding import MASK_BITS, MEASURED_ROUNDS
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +223,15 @@ class Worker:
                 return None
             version = db.latest_version(conn)
             manifest = self.store.manifest(version)
+            length = sum(w.size for w in manifest.weights)
             settings = round_settings(self.config, model_version=version, batch_size=manifest.batch_size, now=now,
-                                      previous=db.last_closed_round(conn))
+                                      previous=db.last_closed_round(conn), length=length,
+                                      measured=db.last_secagg_measurements(conn, MEASURED_ROUNDS))
             round_id = db.insert_round(conn, settings)
             if settings.get("secagg_modulus_bits") is not None:  # secure aggregation: its cohort, at advertising
-                grid = db.get_round(conn, round_id).secagg_grid(sum(w.size for w in manifest.weights))
-                secagg_stages.open_cohort(conn, round_id, self.config, modulus_bits=grid.modulus_bits,
+                grid = db.get_round(conn, round_id).secagg_grid(length)
+                # Masks and sums are modulo 2^32; the body is read modulo 2^r when decoded.
+                secagg_stages.open_cohort(conn, round_id, self.config, modulus_bits=MASK_BITS,
                                           vector_length=grid.vector_length, now=now)
         log.info("round opened", extra={"round_id": round_id, "model_version": version,
                                         "goal_clients": self.config.goal_clients, "clip_norm": settings["clip_norm"],
@@ -240,7 +245,7 @@ class Worker:
         count, examples = current.count, current.total_examples
 
         # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.
-        privacy, tree = {}, None
+        privacy, tree, measured = {}, None, {}
         if round_.secure:
             specs = self.store.specs(parent)
             grid = round_.secagg_grid(sum(s.size for s in specs))
@@ -250,8 +255,17 @@ class Worker:
                 now = time.time()
                 with db.transaction(conn):
                     secagg_stages.abandon(conn, round_, err.reason, err.message, now)
+                    if err.block_rms is not None:  # an overflowing sum: the next round widens from it
+                        db.update_round(conn, round_.id, secagg_block_rms=_per_device(err.block_rms, count))
                 self._abandoned(conn, db.get_round(conn, round_.id), now)
                 return
+            if grid.tuned:  # what the next round's steps follow
+                measured = {"secagg_block_rms": _per_device(decoded.block_rms, count)}
+                if decoded.dropped_blocks:
+                    dropped = (f"; {len(decoded.dropped_blocks)} of {len(decoded.block_rms)} blocks overflowed the "
+                               f"grid and were left out ({', '.join(map(str, decoded.dropped_blocks[:8]))})")
+                    measured["outcome"] = (round_.outcome or "") + dropped
+                    log.warning("round %d: %s", round_.id, dropped[2:])
             if round_.dp_enabled:
                 mean_delta, privacy = self._private_release(conn, round_, secagg_release.private_sum(
                     decoded, specs, round_, grid), count, decoded.unclipped)
@@ -288,7 +302,8 @@ class Worker:
             db.update_round(conn, round_.id, state=CLOSED, closed_at=now, published_version=new_version,
                             folded=count, total_examples=examples,
                             aggregate_seconds=aggregate_seconds, publish_seconds=publish_seconds,
-                            outcome=round_.outcome or f"goal of {round_.goal_clients} updates reached", **privacy)
+                            **{"outcome": round_.outcome or f"goal of {round_.goal_clients} updates reached",
+                               **privacy, **measured})
             # Released: the seed has done its work, and with it the noise could be subtracted.
             db.forget_noise_seed(conn, round_.id)
             if tree is not None:  # DP-FTRL: a finished tree's seed has no further use
@@ -383,3 +398,8 @@ class Worker:
 
 
 __all__ = ["Worker", "OPEN", "CLOSING"]
+
+
+def _per_device(block_rms, count: int) -> str:
+    """A sum's block RMS over its device count, as the JSON the rounds table keeps (`secagg_block_rms`)."""
+    return json.dumps([float(x) / max(int(count), 1) for x in block_rms])

@@ -54,7 +54,7 @@ from aggregator.secagg_cohort import CohortAbandoned, SecAggCohort  # noqa: E402
 from edge_runtime.secagg_participant import SecAggParticipant  # noqa: E402
 from fedkb_core import bitpack, hadamard  # noqa: E402
 from fedkb_core.secagg import graph, shamir, share_box  # noqa: E402
-from fedkb_core.secagg.integer_encoding import add_mod  # noqa: E402
+from fedkb_core.secagg.integer_encoding import MASK_BITS  # noqa: E402
 from fedkb_core.secagg.key_agreement import KeyPair  # noqa: E402
 from fedkb_core.secagg.masked_wire import encode_masked  # noqa: E402
 from fedkb_core.secagg.messages import (KeyAdvertisement, NeighbourEntry, NeighbourList, ShareInbox,  # noqa: E402
@@ -62,7 +62,8 @@ from fedkb_core.secagg.messages import (KeyAdvertisement, NeighbourEntry, Neighb
 
 PARAMETERS = 1_162_144  # the default export
 VECTOR = hadamard.padded_length(PARAMETERS) + 1  # rotated blocks + the weight coordinate
-BITS = 12  # SecAgg's default update_bits
+BITS = 12  # the fixed grid's default b (with DP): r = b + ⌈log₂ n⌉
+TUNED_BITS = 8  # the tuned grid's default r (without DP): bits per masked value
 FLOAT32_BYTES = 4_649_320  # a float32 update of the default model, as bench_compression measured it
 HADAMARD8_BYTES = 1_163_956
 ROUND = 9
@@ -84,7 +85,7 @@ def message_bytes(n: int, k: int) -> dict:
     entries = tuple(NeighbourEntry(device_id=d, index=i + 2, mask_key=KeyPair.generate().public,
                                    share_key=KeyPair.generate().public) for i, d in enumerate(others))
     t = k // 2 + 1
-    r = BITS + math.ceil(math.log2(n))
+    r = BITS + math.ceil(math.log2(n))  # the fixed grid's
     key = bytes(32)
     share = shamir.split(bytes(32), 1, [1])[1]
 
@@ -92,35 +93,45 @@ def message_bytes(n: int, k: int) -> dict:
         return share_box.seal(key, share_box.pack_shares(sender, recipient, ROUND, share, share), round_id=ROUND,
                               sender=sender, recipient=recipient)
 
-    masked = encode_masked(np.zeros(VECTOR, np.uint32), r, round_id=ROUND, device_id=me, model_version=1)
+    masked = {bits: len(encode_masked(np.zeros(VECTOR, np.uint32), bits, tail_length=1, round_id=ROUND, device_id=me,
+                                      model_version=1)) for bits in (TUNED_BITS, r)}
     sizes = {
         "keys (up)": _json_bytes(KeyAdvertisement(ROUND, KeyPair.generate().public, KeyPair.generate().public)),
-        "neighbour list (down)": _json_bytes(NeighbourList(ROUND, 1, n, k, t, r, entries)),
+        "neighbour list (down)": _json_bytes(NeighbourList(ROUND, 1, n, k, t, 32, entries)),
         "share boxes (up)": _json_bytes(ShareUpload(ROUND, {d: box(me, d) for d in others})),
         "inbox (down)": _json_bytes(ShareInbox(ROUND, {d: box(d, me) for d in others})),
-        "masked upload (up)": len(masked),
         "unmask request (down)": _json_bytes(UnmaskRequest(ROUND, tuple([me] + others), ())),
         "unmask answer (up)": _json_bytes(UnmaskResponse(ROUND, {d: share for d in others}, {})),
     }
-    return {"n": n, "k": k, "t": t, "r": r, "sizes": sizes, "plain_r_bits": bitpack.packed_size(VECTOR, r)}
+    # The task's steps (the tuned grid: one float per block, in the check-in answer's JSON).
+    steps = len(json.dumps(list(np.full(hadamard.num_blocks(PARAMETERS), 1.2345678901234567e-05).tolist())))
+    return {"n": n, "k": k, "t": t, "r": r, "sizes": sizes, "masked": masked, "steps_bytes": steps,
+            "plain_bits": {bits: bitpack.packed_size(VECTOR - 1, bits) + 4 for bits in (TUNED_BITS, r)}}
 
 
 def print_bytes(rows: list[dict]) -> None:
-    print("\n1. Bytes per device per round (b = 12; JSON bodies as sent; masked upload as its safetensors body)")
+    print(f"\n1. Bytes per device per round (JSON bodies as sent; masked upload as its safetensors body; the tuned "
+          f"grid at r = {TUNED_BITS} without DP, the fixed grid at b = {BITS}, r = b + ceil(log2 n) with DP)")
     names = list(rows[0]["sizes"])
-    print("| message | " + " | ".join(f"n = {r['n']:,}, k = {r['k']}, r = {r['r']}" for r in rows) + " |")
+    print("| message | " + " | ".join(f"n = {r['n']:,}, k = {r['k']}" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for name in names:
         print(f"| {name} | " + " | ".join(f"{r['sizes'][name]:,}" for r in rows) + " |")
-    totals = [sum(r["sizes"].values()) for r in rows]
-    up = [sum(v for k, v in r["sizes"].items() if "(up)" in k) for r in rows]
-    print("| **all, up + down** | " + " | ".join(f"**{t:,}**" for t in totals) + " |")
-    print("| vs float32 update (4,649,320) | " + " | ".join(f"{t / FLOAT32_BYTES:.3f}" for t in totals) + " |")
-    print("| vs hadamard 8-bit update (1,163,956) | " + " | ".join(f"{t / HADAMARD8_BYTES:.3f}" for t in totals) + " |")
-    print("| upload only vs the same r-bit vector sent plainly | "
-          + " | ".join(f"{u / r['plain_r_bits']:.4f}" for u, r in zip(up, rows)) + " |")
-    print("| protocol overhead (all but the masked vector's payload) | "
-          + " | ".join(f"{(t - r['plain_r_bits']) / r['plain_r_bits']:.2%}" for t, r in zip(totals, rows)) + " |")
+    print("| the task's tuned steps (down, in the check-in answer) | "
+          + " | ".join(f"{r['steps_bytes']:,}" for r in rows) + " |")
+    for grid in ("tuned", "fixed"):
+        bits = [TUNED_BITS if grid == "tuned" else r["r"] for r in rows]
+        masked = [r["masked"][b] for r, b in zip(rows, bits)]
+        totals = [sum(r["sizes"].values()) + m + (r["steps_bytes"] if grid == "tuned" else 0)
+                  for r, m in zip(rows, masked)]
+        print(f"| masked upload (up), {grid} grid | " + " | ".join(
+            f"{m:,} (r = {b})" for m, b in zip(masked, bits)) + " |")
+        print(f"| **all, up + down, {grid} grid** | " + " | ".join(f"**{t:,}**" for t in totals) + " |")
+        print(f"| {grid}: vs float32 update (4,649,320) | " + " | ".join(f"{t / FLOAT32_BYTES:.3f}" for t in totals) + " |")
+        print(f"| {grid}: vs hadamard 8-bit update (1,163,956) | "
+              + " | ".join(f"**{t / HADAMARD8_BYTES:.3f}**" for t in totals) + " |")
+        print(f"| {grid}: protocol overhead (all but the masked vector's payload) | " + " | ".join(
+            f"{(t - r['plain_bits'][b]) / r['plain_bits'][b]:.2%}" for t, r, b in zip(totals, rows, bits)) + " |")
 
 
 def _median(fn, repeats: int) -> float:
@@ -167,9 +178,9 @@ class InProcessRound:
 
 def device_cpu(root: Path, degrees, repeats: int) -> list[dict]:
     """One device's CPU per stage with k neighbours (a cohort of k + 1, complete graph)."""
-    bits = BITS + 5  # r at the default cohort of 26
+    bits = MASK_BITS  # masks and sums are modulo 2^32 whatever the grid (the body travels at r bits)
     rows = []
-    x = np.random.default_rng(1).integers(0, 1 << bits, VECTOR, dtype=np.uint32)
+    x = np.random.default_rng(1).integers(0, 1 << TUNED_BITS, VECTOR, dtype=np.uint32)
     for k in degrees:
         timings = {"advertise": [], "share": [], "receive": [], "mask": [], "unmask": []}
         for rep in range(repeats):
@@ -208,7 +219,7 @@ def device_cpu(root: Path, degrees, repeats: int) -> list[dict]:
 
 
 def print_device_cpu(rows: list[dict], fold: float) -> None:
-    print(f"\n2. CPU per device per round vs its k neighbours (vector of {VECTOR:,} values at r = {BITS + 5}; "
+    print(f"\n2. CPU per device per round vs its k neighbours (vector of {VECTOR:,} values, masked modulo 2^32; "
           f"ratio to one float32 server fold = {fold * 1e3:.2f} ms, measured in this run; medians)")
     stages = ["advertise", "share", "receive", "mask", "unmask"]
     print("| k | " + " | ".join(stages) + " | all |")
@@ -220,14 +231,13 @@ def print_device_cpu(rows: list[dict], fold: float) -> None:
 
 
 def server_round(root: Path, n: int, degree: int | None, dropout: float, rng: np.random.Generator) -> dict:
-    bits = BITS + math.ceil(math.log2(n))
-    r = InProcessRound(root, n, length=VECTOR, bits=bits, degree=degree, tolerated_dropout=0.2)
+    r = InProcessRound(root, n, length=VECTOR, bits=MASK_BITS, degree=degree, tolerated_dropout=0.2)
     r.advertise()
     r.share()
     r.receive()
     gone = set(rng.choice(r.ids, size=int(round(dropout * n)), replace=False).tolist())
     fold = 0.0
-    x = rng.integers(0, 1 << (bits - math.ceil(math.log2(n))), VECTOR, dtype=np.uint32)
+    x = rng.integers(0, 1 << TUNED_BITS, VECTOR, dtype=np.uint32)
     for d in r.inboxes:
         if d in gone:
             continue

@@ -22,7 +22,7 @@ from typing import Any
 from fedkb_core.errors import FedkbError
 from fedkb_core.protocol import RoundTask
 from fedkb_core.secagg.integer_encoding import SecAggGrid
-from fedkb_core.update_encoding import SECAGG, TASK_ENCODINGS, UpdateEncoding
+from fedkb_core.update_encoding import BLOCK, SECAGG, TASK_ENCODINGS, UpdateEncoding
 
 MiB = 1 << 20
 _MAX_ID = 2 ** 63 - 1  # round ids and versions end up in SQLite and in file names
@@ -111,14 +111,17 @@ def task_problems(task: RoundTask, bounds: TaskBounds) -> list[str]:
 
 def _secagg_problems(task: RoundTask) -> list[str]:
     """A `secagg` task must carry its parameters, and they must make a grid (docs/secure_aggregation.md,
-    "Task"; the weight count comes from the manifest later, so a stand-in length of 1 here)."""
+    "Task"; the weight count comes from the manifest later, so a stand-in length here: one value, or
+    one block per tuned step; the step count is checked against the model's blocks at encoding)."""
     if task.encoding != SECAGG:
         return [] if task.secagg is None else [f"secagg parameters on a {task.encoding} task"]
     if task.secagg is None:
         return ["a secagg task without its secagg parameters (modulus_bits)"]
-    grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm, length=1,
-                      rotation_seed=task.rotation_seed, max_examples=task.max_examples,
-                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped)
+    steps = task.secagg.steps
+    grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
+                      length=BLOCK * len(steps) if steps else 1, rotation_seed=task.rotation_seed,
+                      max_examples=task.max_examples, weighted=not task.secagg.unit_weights,
+                      count_unclipped=task.secagg.count_unclipped, tuned_steps=steps)
     return grid.problems()
 
 

@@ -50,7 +50,7 @@ from fedkb_core.durable import atomic_file, atomic_write_json
 from fedkb_core.manifest import load_manifest
 from fedkb_core.protocol import ProtocolError, RoundTask, to_json
 from fedkb_core.secagg import integer_encoding
-from fedkb_core.secagg.integer_encoding import SecAggGrid
+from fedkb_core.secagg.integer_encoding import MASK_BITS, SecAggGrid
 from fedkb_core.secagg.masked_wire import encode_masked
 from fedkb_core.secagg.messages import SecAggStatus
 
@@ -93,11 +93,17 @@ def grid_for(task: RoundTask, length: int) -> SecAggGrid:
         raise ValueError("the task has no secagg parameters")
     grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
                       length=length, rotation_seed=task.rotation_seed, max_examples=task.max_examples,
-                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped)
+                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped,
+                      tuned_steps=task.secagg.steps)
     problems = grid.problems()
     if problems:
         raise ValueError("; ".join(problems))
     return grid
+
+
+def grid_tail(task: RoundTask) -> int:
+    """The masked vector's wide tail: the weight, and adaptive clipping's bit if the round counts it."""
+    return 2 if task.secagg is not None and task.secagg.count_unclipped else 1
 
 
 def _code(value: str | None, default: str) -> str:
@@ -309,10 +315,9 @@ class SecAggRounds:
 
     def _share(self, task: RoundTask, status: SecAggStatus) -> CycleReport:
         neighbours = status.neighbours
-        if task.secagg is None or neighbours.modulus_bits != task.secagg.modulus_bits:
-            return self._drop(task, REFUSED, MODULUS_MISMATCH, f"the neighbour list sums modulo "
-                              f"2^{neighbours.modulus_bits}, the task's grid modulo 2^"
-                              f"{task.secagg.modulus_bits if task.secagg else '?'}")
+        if task.secagg is None or neighbours.modulus_bits != MASK_BITS:
+            return self._drop(task, REFUSED, MODULUS_MISMATCH, f"the neighbour list masks modulo "
+                              f"2^{neighbours.modulus_bits}, not 2^{MASK_BITS} (the modulus of every mask and sum)")
         timer = _Timer()
         with timer:
             upload = self.participant.share(neighbours)
@@ -375,8 +380,8 @@ class SecAggRounds:
             self._keep_input(round_id, values, up_to, details)
         with timer:
             masked = self.participant.mask(values)
-        body = encode_masked(masked, task.secagg.modulus_bits, round_id=round_id, device_id=device.device_id,
-                             model_version=task.model_version)
+        body = encode_masked(masked, task.secagg.modulus_bits, tail_length=grid_tail(task), round_id=round_id,
+                             device_id=device.device_id, model_version=task.model_version)
         device._keep_in_outbox(task, body, up_to)
         return self._send(task, body, up_to, status, timer, encoding, details)
 

@@ -126,20 +126,34 @@ class CheckinRequest:
 
 @dataclasses.dataclass(frozen=True)
 class SecAggTask:
-    """What a secure-aggregation round adds to a task: the modulus 2^modulus_bits the masked
-    vectors are summed in, whether every device weighs 1 (DP) or by its example count, and whether
-    the vector carries adaptive clipping's "not clipped" bit (docs/secure_aggregation.md)."""
+    """What a secure-aggregation round adds to a task: the bits r of every masked value of the
+    update's body (its sum is read modulo 2^r), whether every device weighs 1 (DP) or by its
+    example count, whether the vector carries adaptive clipping's "not clipped" bit, and a tuned
+    grid's steps (docs/secure_aggregation.md)."""
 
     modulus_bits: int
     unit_weights: bool = False
     count_unclipped: bool = False
+    # The tuned grid's step per rotation block (rounds without DP), or None: the fixed grid.
+    steps: tuple[float, ...] | None = None
+
+    MAX_STEPS = 1 << 16  # blocks of 16,384: models up to a billion parameters
 
     @classmethod
     def from_json(cls, body: Any) -> "SecAggTask":
         w = "task.secagg"
+        raw_steps = _require(body, "steps", (list, tuple), where=w, optional=True)
+        steps = None
+        if raw_steps is not None:
+            if not 1 <= len(raw_steps) <= cls.MAX_STEPS:
+                raise ProtocolError(f"{w}: steps must list 1..{cls.MAX_STEPS} numbers, got {len(raw_steps)}")
+            steps = tuple(json_float(x) for x in raw_steps)
+            if any(x is None or not x > 0 for x in steps):
+                raise ProtocolError(f"{w}: every step must be a finite number > 0")
         task = cls(modulus_bits=_require(body, "modulus_bits", int, where=w),
                    unit_weights=_require(body, "unit_weights", bool, where=w, optional=True, default=False),
-                   count_unclipped=_require(body, "count_unclipped", bool, where=w, optional=True, default=False))
+                   count_unclipped=_require(body, "count_unclipped", bool, where=w, optional=True, default=False),
+                   steps=steps)
         if not 1 <= task.modulus_bits <= 32:
             raise ProtocolError(f"{w}: modulus_bits must be within 1..32, got {task.modulus_bits}")
         return task

@@ -13,7 +13,8 @@ import dataclasses
 import math
 
 from fedkb_core.secagg import graph, integer_encoding
-from fedkb_core.update_encoding import DEFAULT_BITS, HADAMARD, SECAGG, SECAGG_DEFAULT_BITS, UpdateEncoding
+from fedkb_core.update_encoding import (DEFAULT_BITS, HADAMARD, SECAGG, SECAGG_DEFAULT_BITS, SECAGG_DP_DEFAULT_BITS,
+                                        UpdateEncoding)
 
 # The server learning rate when none is given, by optimizer: FedAdam's measured 0.03 (Reddi et al.,
 # 2021), and 1.0 for SGD, which without momentum is plain FedAvg.
@@ -78,8 +79,10 @@ class TrainingConfig:
     dp_target_epsilon: float | None = None
 
     # Secure aggregation (docs/secure_aggregation.md): every round runs SecAgg+, so the server sums
-    # masked integer vectors and never sees one device's update. It sets update_encoding to secagg
-    # (update_bits 2..24, default 12). A device may lose secagg_tolerated_dropout of its neighbours
+    # masked integer vectors and never sees one device's update. It sets update_encoding to secagg.
+    # Without DP the grid is tuned (`secagg_tuned`): update_bits (2..24, default 8) bits per masked
+    # value, steps that make the sum fit; with DP it is fixed: update_bits is the grid's b (default
+    # 12) and a masked value has b + ceil(log2 cohort) bits. A device may lose secagg_tolerated_dropout of its neighbours
     # (graph.thresholds); secagg_degree is the neighbour count k (None: graph.default_degree); a
     # stage waits secagg_stage_timeout seconds for its devices (None: the task report window).
     secure_aggregation: bool = False
@@ -97,7 +100,7 @@ class TrainingConfig:
         if self.update_bits is None and self.update_encoding == HADAMARD:
             object.__setattr__(self, "update_bits", DEFAULT_BITS)
         if self.update_bits is None and self.update_encoding == SECAGG:
-            object.__setattr__(self, "update_bits", SECAGG_DEFAULT_BITS)
+            object.__setattr__(self, "update_bits", SECAGG_DP_DEFAULT_BITS if self.dp_enabled else SECAGG_DEFAULT_BITS)
 
     @property
     def max_assigned(self) -> int:
@@ -163,10 +166,15 @@ class TrainingConfig:
         if self.update_encoding == SECAGG and isinstance(bits, int) and integer_encoding.MIN_BITS <= bits <= \
                 integer_encoding.MAX_BITS and self.max_assigned >= 1:
             try:
-                integer_encoding.modulus_bits(bits, self.max_assigned)
+                if self.secagg_tuned:
+                    integer_encoding.tuned_steps(bits, self.max_assigned, 1.0, 1)
+                else:
+                    integer_encoding.modulus_bits(bits, self.max_assigned)
             except ValueError as err:
+                rule = ("" if self.secagg_tuned else
+                        "; with DP the grid is fixed: r = update_bits + ceil(log2 cohort) must be <= 32")
                 problems.append(f"secure_aggregation: {err} (the cohort is goal_clients x over_selection = "
-                                f"{self.max_assigned} devices; r = update_bits + ceil(log2 cohort) must be <= 32)")
+                                f"{self.max_assigned} devices{rule})")
         if dropout is not None and self.max_assigned >= 2:
             try:
                 graph.thresholds(self.max_assigned, degree=degree, tolerated_dropout=dropout)
@@ -181,6 +189,13 @@ class TrainingConfig:
     @property
     def dp_enabled(self) -> bool:
         return self.dp_noise_multiplier is not None
+
+    @property
+    def secagg_tuned(self) -> bool:
+        """Whether secure aggregation's grid is tuned to the sum (without DP) rather than fixed by
+        update_bits (with DP: a tuned grid's coarse steps would add √P·step to the sensitivity the
+        noise must cover; docs/secure_aggregation.md, "The tuned grid")."""
+        return self.secure_aggregation is True and self.update_encoding == SECAGG and not self.dp_enabled
 
     @property
     def resolved_clipped_count_stddev(self) -> float:
@@ -286,7 +301,8 @@ _DERIVED_HELP = {
     "dp_delta": "1 / dp_population**1.1",
     "dp_target_epsilon": "none, no budget",
     "dp_tree_restart_period": "none, one tree",
-    "update_bits": f"{DEFAULT_BITS} with hadamard, {SECAGG_DEFAULT_BITS} with secure aggregation",
+    "update_bits": f"{DEFAULT_BITS} with hadamard; with secure aggregation {SECAGG_DEFAULT_BITS} bits per masked value "
+                   f"(the tuned grid), or a fixed grid of b = {SECAGG_DP_DEFAULT_BITS} with DP",
     "secagg_degree": "every other device up to 32 devices, then the smallest even k >= 3 log2 n that the "
                      "tolerated dropout leaves unmaskable (fedkb_core.secagg.graph.default_degree)",
     "secagg_stage_timeout": "the task report window",

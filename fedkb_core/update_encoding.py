@@ -22,7 +22,12 @@ MIN_BITS, MAX_BITS = 1, 8
 # with --update-encoding, always by --secure-aggregation, which sets a round's encoding to it.
 SECAGG = "secagg"
 TASK_ENCODINGS = ENCODINGS + (SECAGG,)  # what a round (and so a task) may ask for
-SECAGG_DEFAULT_BITS = 12  # bench/bench_secagg_encoding.py: 0.0215 error on a real update, 0.53 of float32
+# Bits per masked value of the tuned grid (no DP): a hadamard update's width; bench/bench_secagg_encoding.py
+# and the README's paired quality runs measure it.
+SECAGG_DEFAULT_BITS = 8
+# The fixed grid's b under DP (r = b + ⌈log₂ m⌉): bench/bench_secagg_encoding.py, 0.0215 error on a real
+# update; its rounding adds √P·step to the sensitivity, +3.2 % at 12 bits (+52 % at 8).
+SECAGG_DP_DEFAULT_BITS = 12
 SECAGG_MIN_BITS, SECAGG_MAX_BITS = 2, 24
 
 # Probability, per block, that a rotated block's largest coordinate exceeds the bound

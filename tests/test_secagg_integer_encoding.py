@@ -40,14 +40,18 @@ def _update(seed: int, norm: float = 0.9) -> np.ndarray:
 
 
 def _signed(vector: np.ndarray, grid: ie.SecAggGrid) -> np.ndarray:
+    """The body read modulo 2^r, the tail modulo 2^32, both as signed."""
     v = vector.astype(np.int64)
-    return np.where(v >= 1 << (grid.modulus_bits - 1), v - (1 << grid.modulus_bits), v)
+    body, tail = v[: grid.padded] & ((1 << grid.modulus_bits) - 1), v[grid.padded:]
+    body = np.where(body >= 1 << (grid.modulus_bits - 1), body - (1 << grid.modulus_bits), body)
+    return np.concatenate([body, np.where(tail >= 1 << 31, tail - (1 << 32), tail)])
 
 
 def _fold(vectors, grid) -> np.ndarray:
+    """As the server folds: every vector added modulo 2^32 (MASK_BITS)."""
     acc = np.zeros(grid.vector_length, np.uint32)
     for v in vectors:
-        ie.add_mod(acc, v, grid.modulus_bits)
+        ie.add_mod(acc, v, ie.MASK_BITS)
     return acc
 
 
@@ -56,7 +60,7 @@ def _rotated(x: np.ndarray) -> np.ndarray:
 
 
 def _weight(n: int, grid) -> float:
-    return ie.weight_level(n, grid) / grid.levels
+    return ie.weight_level(n, grid) / ie.WEIGHT_LEVELS
 
 
 # The grid ---------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def test_modulus_refusals_explain_themselves():
     for bits in (0, 25, True, 8.0, "8"):
         with pytest.raises(ValueError, match="bits must be an integer in 2..24"):
             ie.modulus_bits(bits, 10)
-    for cohort in (0, -3, 2.5, None):
+    for cohort in (0, -3, 2.5, None, ie.MAX_TAIL_COUNT + 1):
         with pytest.raises(ValueError, match="cohort"):
             ie.modulus_bits(8, cohort)
 
@@ -111,7 +115,7 @@ def test_grid_properties():
     assert _grid(count_unclipped=True).vector_length == 2 * BLOCK + 2
     assert g.problems() == []
     for bits in range(2, 25):  # the cohort the modulus was made for always fits
-        for cohort in (1, 2, 3, 100, 1 << (32 - bits)):
+        for cohort in (1, 2, 3, 100, min(1 << (32 - bits), ie.MAX_TAIL_COUNT)):
             if bits + (cohort - 1).bit_length() <= 32:
                 assert _grid(bits=bits, cohort=cohort).max_count >= cohort
 
@@ -131,14 +135,15 @@ def test_grid_problems_name_every_bad_field():
 
 
 def test_weight_levels():
-    g = _grid(bits=8)  # W = 127, n_max = 64
-    assert ie.weight_level(64, g) == 127 and ie.weight_level(1000, g) == 127
-    assert ie.weight_level(1, g) == 2 and ie.weight_level(0, g) == 1  # ⌈127/64⌉; never 0
-    assert ie.weight_level(32, g) == 64  # ⌈63.5⌉
+    g = _grid(bits=8)  # L = 65,535 whatever b is, n_max = 64
+    top = ie.WEIGHT_LEVELS
+    assert top == 65535 and ie.weight_level(64, g) == top and ie.weight_level(1000, g) == top
+    assert ie.weight_level(1, g) == 1024 and ie.weight_level(0, g) == 1  # ⌈65535/64⌉; never 0
+    assert ie.weight_level(32, g) == 32768  # ⌈32767.5⌉
     for n in range(1, N_MAX + 1):
-        assert 0 <= ie.weight_level(n, g) / 127 - n / N_MAX < 1 / 127
+        assert 0 <= ie.weight_level(n, g) / top - n / N_MAX < 1 / top
     unit = _grid(bits=8, weighted=False)
-    assert {ie.weight_level(n, unit) for n in (0, 1, 64, 5000)} == {127}
+    assert {ie.weight_level(n, unit) for n in (0, 1, 64, 5000)} == {top}
     for bad in (-1, 2.0, True):
         with pytest.raises(ValueError, match="num_examples"):
             ie.weight_level(bad, g)
@@ -151,12 +156,12 @@ def test_encoding_is_uint32_on_the_grid_in_twos_complement():
     x = _update(2, 1.0)
     v = ie.encode(x, 40, g, np.random.default_rng(0), unclipped=True)
     assert v.dtype == np.uint32 and v.shape == (g.vector_length,)
-    assert int(v.max()) < 1 << g.modulus_bits
+    assert int(v[: g.padded].max()) < 1 << g.modulus_bits
     s = _signed(v, g)
     assert s[: g.padded].min() >= -31 and s[: g.padded].max() <= 31 and s[: g.padded].min() < 0
-    assert s[g.padded] == ie.weight_level(40, g) == 20 and s[g.padded + 1] == 1
+    assert s[g.padded] == ie.weight_level(40, g) == 40960 and s[g.padded + 1] == 1
     # Each integer is the floor or the ceiling of w·y/step: stochastic rounding, never further.
-    exact = _rotated(x).ravel() * (20 / 31) / g.step
+    exact = _rotated(x).ravel() * (40960 / ie.WEIGHT_LEVELS) / g.step
     assert np.all((s[: g.padded] == np.floor(exact)) | (s[: g.padded] == np.ceil(exact)))
     assert ie.encode(x, 40, g, np.random.default_rng(0), unclipped=False)[g.padded + 1] == 0
     # Same rng state, same integers; another state, other roundings.
@@ -214,7 +219,7 @@ def test_unbiased_mean_of_many_encodings_converges_like_one_over_sqrt_k():
     rng = np.random.default_rng(10)
     acc, errors = np.zeros(g.vector_length, np.uint32), {}
     for k in range(1, 401):
-        ie.add_mod(acc, ie.encode(x, 40, g, rng), g.modulus_bits)
+        ie.add_mod(acc, ie.encode(x, 40, g, rng), ie.MASK_BITS)
         if k in (25, 400):
             decoded = ie.decode_sum(acc, g, count=k)
             assert decoded.weight == pytest.approx(k * w)
@@ -243,7 +248,7 @@ def test_sum_of_encodings_is_the_sum_of_decodes_and_within_the_rounding_bound():
     summed = np.sum([s.rotated for s in singles], axis=0)
     np.testing.assert_array_equal(np.rint(total.rotated / g.step), np.rint(summed / g.step))
     np.testing.assert_allclose(total.rotated, summed, rtol=1e-12, atol=1e-12 * g.step)
-    assert round(total.weight * g.levels) == sum(ie.weight_level(n, g) for n in counts)
+    assert round(total.weight * ie.WEIGHT_LEVELS) == sum(ie.weight_level(n, g) for n in counts)
     assert total.weight == pytest.approx(sum(s.weight for s in singles))
     assert total.unclipped is None
 
@@ -269,7 +274,7 @@ def test_the_worst_case_sum_does_not_wrap():
         for m in (cohort, g.max_count):
             for sign in (1, -1):
                 one = np.full(g.vector_length, (sign * top) & mask, np.uint32)
-                one[g.padded], one[g.padded + 1] = top, 1
+                one[g.padded], one[g.padded + 1] = ie.WEIGHT_LEVELS, 1
                 decoded = ie.decode_sum(_fold([one] * m, g), g, count=m)
                 np.testing.assert_allclose(decoded.rotated, sign * m * top * g.step)
                 assert decoded.weight == m and decoded.unclipped == m
@@ -294,7 +299,7 @@ def test_weighted_mean_is_the_example_weighted_mean_within_the_weight_quantizati
         exact = sum(c * x for c, x in zip(n, updates)) / n.sum()
         w = np.array([_weight(c, g) for c in counts])
         quantized = sum(wi * x for wi, x in zip(w, updates)) / w.sum()
-        weight_bound = sum(np.linalg.norm(x - exact) for x in updates) / g.levels / w.sum()
+        weight_bound = sum(np.linalg.norm(x - exact) for x in updates) / ie.WEIGHT_LEVELS / w.sum()
         assert np.linalg.norm(quantized - exact) <= weight_bound
 
         rng = np.random.default_rng(bits)
@@ -317,7 +322,7 @@ def test_unit_weights_without_weighting():
     updates = [_update(300 + i, 0.5) for i in range(m)]
     rng = np.random.default_rng(0)
     vectors = [ie.encode(x, n, g, rng) for x, n in zip(updates, (0, 1, 7, 64, 99, 3))]
-    assert {int(v[g.padded]) for v in vectors} == {g.levels}
+    assert {int(v[g.padded]) for v in vectors} == {ie.WEIGHT_LEVELS}
     decoded = ie.decode_sum(_fold(vectors, g), g, count=m)
     assert decoded.weight == m
     exact = sum(x.astype(np.float64) for x in updates)
@@ -340,24 +345,30 @@ def test_decode_refuses_what_cannot_be_an_honest_sum():
     """A coordinate beyond ±count·W, a weight sum below count, an unclipped count above count: the
     sum wrapped or a device sent values outside the grid, and decode cannot tell which."""
     g = _grid(bits=8, cohort=4, count_unclipped=True)  # W = 127, r = 10
-    top, mask = g.levels, (1 << g.modulus_bits) - 1
+    top, mask = g.levels, (1 << 32) - 1
     honest = np.zeros(g.vector_length, np.int64)
-    honest[g.padded] = 2 * top
+    honest[g.padded] = 2 * ie.WEIGHT_LEVELS
     honest[7] = 2 * top  # the edge of two devices' range: accepted
     honest[8] = -2 * top
     ie.decode_sum((honest & mask).astype(np.uint32), g, count=2)
     for index, value, match in ((7, 2 * top + 1, "coordinate 7 of the sum is 255, beyond ±count·W = ±254"),
                                 (8, -2 * top - 1, "coordinate 8 of the sum is -255"),
-                                (g.padded, 1, "sum of 2 weights is 1"),
+                                (g.padded, 1, "sum of 2 weights is 1, outside 2..131070"),
                                 (g.padded, -5, "sum of 2 weights is -5"),
+                                (g.padded, 2 * ie.WEIGHT_LEVELS + 1, "sum of 2 weights is 131071"),
                                 (g.padded + 1, 3, "unclipped count is 3")):
         bad = honest.copy()
         bad[index] = value
         with pytest.raises(ValueError, match=match) as caught:
             ie.decode_sum((bad & mask).astype(np.uint32), g, count=2)
         assert "decoding cannot tell which" in str(caught.value)
-    with pytest.raises(ValueError, match="in \\[0, 2\\^10\\)"):
-        ie.decode_sum(np.full(g.vector_length, 1 << 10, np.uint32), g, count=2)
+    # The body is read modulo 2^r: bits above r (carries of the server's modulo-2^32 fold) are ignored.
+    high = (honest & mask).astype(np.uint32)
+    high[: g.padded] += np.uint32(5 << g.modulus_bits)
+    np.testing.assert_array_equal(ie.decode_sum(high, g, count=2).rotated,
+                                  ie.decode_sum((honest & mask).astype(np.uint32), g, count=2).rotated)
+    with pytest.raises(ValueError, match="in \\[0, 2\\^32\\)"):
+        ie.decode_sum(np.full(g.vector_length, 1 << 32, np.uint64), g, count=2)
     for wrong in (np.zeros(g.vector_length - 1, np.uint32), np.zeros(g.vector_length, np.float64)):
         with pytest.raises(ValueError, match="the sum must be"):
             ie.decode_sum(wrong, g, count=2)
@@ -385,3 +396,160 @@ def test_add_mod_wraps_and_refuses():
     for bits in (0, 33, True):
         with pytest.raises(ValueError, match="bits must be"):
             ie.add_mod(acc, np.zeros(4, np.uint32), bits)
+
+
+# The tuned grid ---------------------------------------------------------------------------
+
+def _tuned(r=8, cohort=32, block_rms_per_device=None, **kw) -> ie.SecAggGrid:
+    length = kw.pop("length", LENGTH)
+    steps = ie.tuned_steps(r, cohort, 1.0, hadamard.num_blocks(length), block_rms_per_device)
+    base = dict(bits=r, modulus_bits=r, clip_norm=1.0, length=length, rotation_seed=SEED, max_examples=N_MAX,
+                tuned_steps=steps)
+    return ie.SecAggGrid(**{**base, **kw})
+
+
+def test_tuned_steps_start_at_the_prior_then_follow_the_measurement_per_block():
+    prior = 1.0 / math.sqrt(BLOCK)  # one device's block RMS at norm C = 1
+    assert ie.tuned_steps(8, 20, 1.0, 2) == pytest.approx((ie.TUNED_Z * prior * 20 / 127,) * 2)
+    measured = (prior / 10, prior / 2)
+    assert ie.tuned_steps(8, 20, 1.0, 2, measured) == pytest.approx(
+        tuple(ie.TUNED_Z * x * 20 / 127 for x in measured))
+    # Never coarser than the prior, never finer than MEASURED_FLOOR of it (a block that did not move).
+    assert ie.tuned_steps(8, 20, 1.0, 2, (1.0, 0.0)) == pytest.approx(
+        (ie.TUNED_Z * prior * 20 / 127, ie.TUNED_Z * prior * ie.MEASURED_FLOOR * 20 / 127))
+    # Several rounds' measurements, newest first: the largest per block, times the recent growth
+    # (the median of the blocks' newest/previous ratios, here 2 and 4: 3), never below 1 nor above 4.
+    newest, previous = np.array([prior / 10, prior / 20]), np.array([prior / 20, prior / 80])
+    assert ie.tuned_steps(8, 20, 1.0, 2, [newest, previous]) == pytest.approx(
+        tuple(ie.TUNED_Z * 3 * x * 20 / 127 for x in newest))
+    assert ie.tuned_steps(8, 20, 1.0, 2, [previous, newest]) == pytest.approx(  # shrinking: the largest, as is
+        tuple(ie.TUNED_Z * x * 20 / 127 for x in newest))
+    assert ie.tuned_steps(8, 20, 1.0, 2, [newest * 100, newest]) == pytest.approx(  # growth capped at 4
+        tuple(ie.TUNED_Z * min(4 * 100 * x, prior) * 20 / 127 for x in newest))
+    assert ie.tuned_steps(12, 20, 1.0, 1, (prior / 10,)) == pytest.approx((ie.TUNED_Z * prior / 10 * 20 / 2047,))
+    for args, match in (((1, 20, 1.0, 1), "modulus bits"), ((8, 0, 1.0, 1), "cohort"),
+                        ((8, ie.MAX_TAIL_COUNT + 1, 1.0, 1), "cohort"), ((8, 20, 0.0, 1), "clip norm"),
+                        ((8, 20, 1.0, 0), "num_blocks"), ((8, 20, 1.0, 2, (1.0,)), "2 finite numbers"),
+                        ((8, 20, 1.0, 1, (math.nan,)), "finite"), ((8, 20, 1.0, 1, (-1.0,)), ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            ie.tuned_steps(*args)
+    good = _tuned()
+    assert good.tuned and good.problems() == [] and good.step == max(good.tuned_steps)
+    assert good.max_count == ie.MAX_TAIL_COUNT and good.vector_length == good.padded + 1
+    assert "bits are its modulus bits" in " ".join(ie.SecAggGrid(**{**good.__dict__, "bits": 12}).problems())
+    assert "one step per block: 2" in " ".join(ie.SecAggGrid(**{**good.__dict__, "tuned_steps": (0.1,)}).problems())
+    for steps in ((0.0, 1.0), (-1.0, 1.0), (math.inf, 1.0), (True, 1.0), [0.1, 0.1]):
+        assert "tuned steps" in " ".join(ie.SecAggGrid(**{**good.__dict__, "tuned_steps": steps}).problems())
+
+
+def test_each_block_is_encoded_on_its_own_step():
+    """Two blocks with steps 1:8: the same update's integers in the second block are 1/8 of the
+    first's scale, and decoding multiplies each block back by its own step."""
+    g = _tuned(12, 4, (0.5 / math.sqrt(BLOCK), 4 / math.sqrt(BLOCK) / 64 * 8))
+    ratio = g.tuned_steps[1] / g.tuned_steps[0]
+    x = _update(7, 0.9)
+    decoded = ie.decode_sum(ie.encode(x, N_MAX, g, np.random.default_rng(0)), g, count=1)
+    error = decoded.rotated - _rotated(x)
+    for b, step in enumerate(g.tuned_steps):
+        assert np.abs(error[b]).max() < step
+    assert np.abs(error[1]).max() > np.abs(error[0]).max() * ratio / 4  # coarser where the step is
+    assert len(decoded.block_rms) == 2
+
+
+def test_the_first_tuned_round_of_a_small_cohort_cannot_wrap_whatever_the_updates():
+    """No measurement yet, m·⌈c/step⌉ within the range (m = 40 at r = 8): m devices all at ±c in
+    every coordinate, weights all L, sum inside ±127 units and decode (the sum's spread is not
+    judged where it cannot have wrapped)."""
+    m = 40
+    g = _tuned(8, m)
+    for sign in (1, -1):
+        one = np.full(g.vector_length, (sign * math.ceil(g.bound / g.step)) & 255, np.uint32)
+        one[g.padded] = ie.WEIGHT_LEVELS
+        total = _fold([one] * m, g)
+        assert np.abs(_signed(total, g)[: g.padded]).max() <= 127
+        assert ie.decode_sum(total, g, count=m).weight == m
+
+
+def test_a_tuned_sum_of_a_thousand_devices_at_8_bits_is_unbiased_and_its_tail_does_not_wrap():
+    """m = 1,000 devices at r = 8 (a byte per value, the 8-bit hadamard update's width), the steps
+    tuned from the block RMS per device of an earlier sum of 100 such updates: the decoded sum is
+    within the rounding bound (‖E‖² ≤ 1.5·m·Σ_b d·step_b²/4) of Σ w_i·R·Δ_i, held with fill ≥ MIN_Z,
+    and Σ w and the unclipped count (summed modulo 2^32 in the tail) are exact though m·L is far
+    beyond 2^8."""
+    m, length = 1000, 3000
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=length)  # a shared direction, as a cohort's updates have
+    updates = []
+    for i in range(m):
+        x = 0.5 * base / np.linalg.norm(base) + rng.normal(size=length) / math.sqrt(length)
+        updates.append((x * (0.8 / np.linalg.norm(x))).astype(np.float32))
+    counts = rng.integers(1, N_MAX + 1, m)
+    kw = dict(length=length, count_unclipped=True)
+    prior = _tuned(8, m, **kw)
+    first = ie.decode_sum(_fold([ie.encode(x, int(n), prior, rng) for x, n in zip(updates[:100], counts)], prior),
+                          prior, count=100)
+    g = _tuned(8, m, tuple(x / 100 for x in first.block_rms), **kw)
+    assert g.step < prior.step / 1.5  # the measurement buys resolution
+    vectors = [ie.encode(x, int(n), g, rng, unclipped=i % 2 == 0) for i, (x, n) in enumerate(zip(updates, counts))]
+    assert all(int(v[: g.padded].max()) < 256 for v in vectors)
+    decoded = ie.decode_sum(_fold(vectors, g), g, count=m)
+    assert decoded.weight * ie.WEIGHT_LEVELS == pytest.approx(sum(ie.weight_level(int(n), g) for n in counts))
+    assert decoded.unclipped == m // 2
+    assert ie.MIN_Z <= decoded.fill
+    exact = sum(_weight(int(n), g) * hadamard.rotate(x, SEED).astype(np.float64) for x, n in zip(updates, counts))
+    assert np.linalg.norm(decoded.rotated - exact) <= math.sqrt(1.5 * m * BLOCK * sum(s**2 for s in g.tuned_steps) / 4)
+
+
+def test_a_sum_that_outgrows_its_tuned_range_is_refused_with_its_measured_spread():
+    """Steps tuned to a measurement 20× too small: the sum wraps in many coordinates. Decoding
+    refuses it (ModulusOverflow, a ValueError) and gives the block RMS it saw, widened for the
+    blocks that overflowed; steps tuned to that decode the same updates."""
+    m = 20
+    updates = [_update(500 + i, 0.9) for i in range(m)]
+    rng = np.random.default_rng(3)
+    right = _tuned(8, m)
+    decoded = ie.decode_sum(_fold([ie.encode(x, 64, right, rng) for x in updates], right), right, count=m)
+    tight = _tuned(8, m, tuple(x / m / 20 for x in decoded.block_rms))
+    with pytest.raises(ie.ModulusOverflow, match="likely wrapped") as caught:
+        ie.decode_sum(_fold([ie.encode(x, 64, tight, rng) for x in updates], tight), tight, count=m)
+    assert len(caught.value.block_rms) == 2 and all(x > 0 for x in caught.value.block_rms)
+    retuned = _tuned(8, m, tuple(x / m for x in caught.value.block_rms))
+    again = ie.decode_sum(_fold([ie.encode(x, 64, retuned, rng) for x in updates], retuned), retuned, count=m)
+    assert again.fill >= ie.MIN_Z
+
+
+def test_a_block_that_outgrows_its_range_is_left_out_and_the_rest_released():
+    """Eight blocks, one of them tuned to a measurement 20× too small: that block wraps, so the
+    decoded sum zeroes it (its parameters do not move this round), names it in `dropped_blocks`
+    and reports its spread widened by OVERFLOW_WIDENING; the other seven decode within the rounding
+    bound. Three of eight (more than a quarter) would refuse the sum."""
+    m, length = 20, 8 * BLOCK
+    rng = np.random.default_rng(4)
+    updates = []
+    for i in range(m):
+        x = rng.normal(size=length)
+        updates.append((x * (0.9 / np.linalg.norm(x))).astype(np.float32))
+    prior = _tuned(8, m, length=length)
+    first = ie.decode_sum(_fold([ie.encode(x, N_MAX, prior, rng) for x in updates], prior), prior, count=m)
+    measured = np.array(first.block_rms) / m
+
+    def decode(tight_blocks):
+        rms = measured.copy()
+        rms[list(tight_blocks)] /= 20
+        g = _tuned(8, m, tuple(rms), length=length)
+        return g, ie.decode_sum(_fold([ie.encode(x, N_MAX, g, rng) for x in updates], g), g, count=m)
+
+    g, decoded = decode([5])
+    assert decoded.dropped_blocks == (5,)
+    assert not decoded.rotated[5].any()
+    assert ie.MIN_Z <= decoded.fill
+    # The widened record tunes the next round so that the block fits again.
+    retuned = _tuned(8, m, tuple(np.array(decoded.block_rms) / m), length=length)
+    again = ie.decode_sum(_fold([ie.encode(x, N_MAX, retuned, rng) for x in updates], retuned), retuned, count=m)
+    assert again.dropped_blocks == ()
+    exact = sum(hadamard.rotate(x, SEED).astype(np.float64) for x in updates)
+    kept = [b for b in range(8) if b != 5]
+    bound = math.sqrt(1.5 * m * BLOCK * sum(g.tuned_steps[b] ** 2 for b in kept) / 4)
+    assert np.linalg.norm(decoded.rotated[kept] - exact[kept]) <= bound
+    with pytest.raises(ie.ModulusOverflow, match="3 of the sum's 8 blocks"):
+        decode([1, 2, 3])

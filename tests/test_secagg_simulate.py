@@ -114,7 +114,7 @@ def test_simulate_passes_its_secure_aggregation_settings_to_the_server(tmp_path)
                    "--secagg-tolerated-dropout", "0.3", "--secagg-degree", "8", "--secagg-stage-timeout", "30")
     assert (fleet.secure_aggregation, fleet.secagg_tolerated_dropout, fleet.secagg_degree,
             fleet.secagg_stage_timeout) == (True, 0.3, 8, 30.0)
-    assert (fleet.update_encoding, fleet.update_bits) == ("secagg", 12)
+    assert (fleet.update_encoding, fleet.update_bits) == ("secagg", 8)  # the tuned grid (no DP)
     args = serve_arguments(fleet)
     for flag, value in (("--secagg-tolerated-dropout", "0.3"), ("--secagg-degree", "8"),
                         ("--secagg-stage-timeout", "30.0"), ("--update-encoding", "secagg")):

@@ -15,13 +15,15 @@ it), as one device's embedding delta.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from aggregator.secagg_cohort import SecAggCohort
 from edge_runtime.secagg_participant import SecAggParticipant
 from fedkb_core import hadamard
-from fedkb_core.secagg.integer_encoding import SecAggGrid, add_mod, decode_sum, encode, modulus_bits
+from fedkb_core.secagg.integer_encoding import MASK_BITS, SecAggGrid, add_mod, decode_sum, encode, modulus_bits, tuned_steps
 from simulation.attacks import embedding_row_attack
 from tests.fixtures_edge import shakespeare_edge_model, state  # noqa: F401
 from tests.test_privacy_update_leakage import upload  # noqa: F401  (the real upload, a module fixture)
@@ -34,13 +36,14 @@ CHANCE = 1e-6  # a held vector "beats chance" if a ranking that knows nothing di
 def as_embedding(values: np.ndarray, grid: SecAggGrid, shape) -> np.ndarray:
     """A uint32 vector on the grid read as one device's embedding delta (signed, scaled, rotated back)."""
     r = grid.modulus_bits
-    signed = values[: grid.padded].astype(np.int64)
+    signed = values[: grid.padded].astype(np.int64) & ((1 << r) - 1)
     signed[signed >= 1 << (r - 1)] -= 1 << r
-    blocks = (signed * grid.step).reshape(-1, hadamard.BLOCK)
+    blocks = signed.reshape(-1, hadamard.BLOCK) * grid.block_steps[:, None]
     return hadamard.unrotate(blocks, grid.rotation_seed, grid.length).reshape(shape)
 
 
-def test_the_attack_on_everything_a_secagg_server_holds_is_at_chance(upload, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned grid, 8 bits", "fixed grid, 12 bits (DP)"])
+def test_the_attack_on_everything_a_secagg_server_holds_is_at_chance(upload, tmp_path, tuned):  # noqa: F811
     delta, typed, _, clip_norm = upload
     rng = np.random.default_rng(3)
     ids = [f"dev-{i}" for i in range(DEVICES)]
@@ -50,8 +53,19 @@ def test_the_attack_on_everything_a_secagg_server_holds_is_at_chance(upload, tmp
         order = rng.permutation(delta.shape[0])
         deltas[d] = delta[order]  # row j of this user's delta is row order[j] of the real one
         typed_of[d] = {int(j) for j in np.flatnonzero(np.isin(order, list(typed)))}
-    grid = SecAggGrid(bits=12, modulus_bits=modulus_bits(12, DEVICES), clip_norm=clip_norm, length=delta.size,
-                      rotation_seed=int(rng.integers(1 << 62)), max_examples=64, weighted=False)
+    seed = int(rng.integers(1 << 62))
+    if tuned:
+        grid = SecAggGrid(bits=8, modulus_bits=8, clip_norm=clip_norm, length=delta.size, rotation_seed=seed,
+                          max_examples=64, tuned_steps=tuned_steps(8, DEVICES, clip_norm, hadamard.num_blocks(delta.size)))
+    else:
+        grid = SecAggGrid(bits=12, modulus_bits=modulus_bits(12, DEVICES), clip_norm=clip_norm, length=delta.size,
+                          rotation_seed=seed, max_examples=64, weighted=False)
+    if tuned:  # as from the second round on: the steps follow the previous sum's spread (the first round's prior)
+        prior = np.zeros(grid.vector_length, np.uint32)
+        for d in ids:
+            add_mod(prior, encode(deltas[d].ravel().astype(np.float32), 64, grid, rng), MASK_BITS)
+        measured = [x / DEVICES for x in decode_sum(prior, grid, count=DEVICES).block_rms]
+        grid = dataclasses.replace(grid, tuned_steps=tuned_steps(8, DEVICES, clip_norm, len(measured), measured))
     xs = {d: encode(deltas[d].ravel().astype(np.float32), 64, grid, rng) for d in ids}
     k = len(typed)
 
@@ -63,7 +77,7 @@ def test_the_attack_on_everything_a_secagg_server_holds_is_at_chance(upload, tmp
     assert control.random_tail < 1e-12 and control.fraction > 0.5, control
 
     participants = {d: SecAggParticipant(tmp_path / d, d) for d in ids}
-    cohort = SecAggCohort(ROUND, vector_length=grid.vector_length, modulus_bits=grid.modulus_bits, min_survivors=2,
+    cohort = SecAggCohort(ROUND, vector_length=grid.vector_length, modulus_bits=MASK_BITS, min_survivors=2,
                           tolerated_dropout=0.2)
     for d in ids:
         cohort.advertise(d, participants[d].advertise(ROUND))
@@ -78,7 +92,7 @@ def test_the_attack_on_everything_a_secagg_server_holds_is_at_chance(upload, tmp
         masked = participants[d].mask(xs[d])
         held.append((f"upload of {d}", masked))
         cohort.fold(d, masked)
-        add_mod(partial, masked, grid.modulus_bits)
+        add_mod(partial, masked, MASK_BITS)
         held.append((f"sum after {d}", partial.copy()))
     np.testing.assert_array_equal(cohort.running_sum, partial)
     for name, values in held:

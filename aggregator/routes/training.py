@@ -158,8 +158,9 @@ def upload(round_id: int):
 
         specs = state.store.specs(round_.model_version)
         if round_.secure:
-            masked = decode_masked(body, modulus_bits=round_.secagg_modulus_bits,
-                                   vector_length=round_.secagg_grid(sum(s.size for s in specs)).vector_length)
+            grid = round_.secagg_grid(sum(s.size for s in specs))
+            masked = decode_masked(body, modulus_bits=grid.modulus_bits, vector_length=grid.vector_length,
+                                   tail_length=grid.tail_length)
             meta, norm = masked, None  # a masked vector has no norm the server could measure
         else:
             masked = None

@@ -60,7 +60,8 @@ UPDATE_FLAGS = (
     ("--update-encoding", "update_encoding", str,
      "float32 (exact), float16, or hadamard (rotation + unbiased stochastic rounding to --update-bits)"),
     ("--update-bits", "update_bits", int,
-     "bits per coordinate: of a hadamard update, 1..8; of a secure-aggregation grid, 2..24"),
+     "bits per coordinate: of a hadamard update, 1..8; under secure aggregation, 2..24: the bits of every "
+     "masked value (default 8), or with DP the fixed grid's b (default 12; a value then has b + ceil(log2 cohort))"),
 )
 # Secure aggregation (docs/secure_aggregation.md, "Over HTTP"); `fedkb simulate` takes the same.
 SECAGG_FLAGS = (
