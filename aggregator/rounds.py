@@ -17,7 +17,7 @@ import secrets
 from aggregator.adaptive_clipping import update_noise_multiplier
 from fedkb_core.protocol import CheckinResponse, RoundTask, SecAggTask
 from fedkb_core import hadamard
-from fedkb_core.secagg.integer_encoding import SecAggGrid, modulus_bits, tuned_steps
+from fedkb_core.secagg.integer_encoding import CALIBRATION_BITS, SecAggGrid, modulus_bits, tuned_steps
 from fedkb_core.update_encoding import HADAMARD, SECAGG, UpdateEncoding
 
 OPEN, CLOSING, CLOSED, ABANDONED = "open", "closing", "closed", "abandoned"
@@ -128,8 +128,12 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
             sequence. Without one (or without adaptive clipping) the clip norm is the config's.
         length: the model's parameter count (a tuned SecAgg grid has one step per block of it).
         measured: the last SecAgg rounds whose sums were measured (`secagg_block_rms`, at most
-            MEASURED_ROUNDS of them): a tuned grid's steps follow the largest of those with as
-            many blocks as the model; with none, they start from the prior.
+            MEASURED_ROUNDS of them): a tuned grid's steps follow those with as many blocks as
+            the model. With none (the first round, or a model of another size) the round
+            calibrates: it runs on the fixed grid at CALIBRATION_BITS (b = 12, r = 12 + ⌈log₂ m⌉,
+            about 2× the bytes, once), whose fine steps measure the sum's spread accurately; the
+            prior's steps (one device of norm C in one block) would be hundreds of times too coarse
+            for real updates and their rounding noise would swamp the first rounds.
     """
     settings = dict(model_version=model_version, state=OPEN, opened_at=now, deadline=now + config.round_timeout,
                     min_clients=config.min_clients, goal_clients=config.goal_clients,
@@ -146,8 +150,12 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
         blocks = hadamard.num_blocks(length)
         rows = [json.loads(m.secagg_block_rms) for m in measured if m.secagg_block_rms is not None]
         rows = [row for row in rows if len(row) == blocks]  # a model of another size: not this one's
-        steps = tuned_steps(config.update_bits, config.max_assigned, settings["clip_norm"], blocks, rows or None)
-        settings["secagg_steps"] = json.dumps(steps)
+        if rows:
+            steps = tuned_steps(config.update_bits, config.max_assigned, settings["clip_norm"], blocks, rows)
+            settings["secagg_steps"] = json.dumps(steps)
+        else:  # calibration: the fixed grid, fine enough to measure the spread the next rounds follow
+            settings.update(update_bits=CALIBRATION_BITS,
+                            secagg_modulus_bits=modulus_bits(CALIBRATION_BITS, config.max_assigned))
     return settings
 
 

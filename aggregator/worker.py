@@ -259,7 +259,7 @@ class Worker:
                         db.update_round(conn, round_.id, secagg_block_rms=_per_device(err.block_rms, count))
                 self._abandoned(conn, db.get_round(conn, round_.id), now)
                 return
-            if grid.tuned:  # what the next round's steps follow
+            if self.config.secagg_tuned:  # what the next round's steps follow (a calibration round's too)
                 measured = {"secagg_block_rms": _per_device(decoded.block_rms, count)}
                 if decoded.dropped_blocks:
                     dropped = (f"; {len(decoded.dropped_blocks)} of {len(decoded.block_rms)} blocks overflowed the "

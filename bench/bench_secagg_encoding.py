@@ -4,8 +4,8 @@ Two grids (fedkb_core/secagg/integer_encoding.py): the **tuned** grid (rounds wi
 per masked value, steps tuned to the sum's spread) and the **fixed** grid (DP: b bits, r = b +
 ⌈log₂ m⌉). The tuned rows come first: r = 8 at cohorts m = 20, 100, 1,000, each device's update
 correlated with the others' (the cosine ρ between two devices' updates, 0.3 by default: federated
-updates share a direction), the steps tuned from a first "round" of the same cohort as the server
-tunes them, then the next round's sum decoded. They print the upload's payload bytes against
+updates share a direction), the steps tuned from a first, calibration "round" of the same cohort
+as the server tunes them, then the next round's sum decoded. They print the upload's payload bytes against
 `hadamard` at 8 bits, the relative error of the decoded mean against the exact weighted mean,
 the same for `hadamard` at 8 bits on the same devices, the fill (how many RMS the sum's range held)
 and the blocks left out.
@@ -175,7 +175,8 @@ def _cohort_update(update: np.ndarray, rho: float, rng: np.random.Generator) -> 
 
 def measure_tuned(update: np.ndarray, clip_norm: float, max_examples: int, rho: float, cohorts, bits) -> list[dict]:
     """The tuned grid at r bits for cohorts of m correlated devices, as the server runs it: round 1
-    on the prior's steps, round 2 on steps tuned from round 1's measured block spread."""
+    calibrates on the fixed grid (b = CALIBRATION_BITS), round 2 runs on steps tuned from round 1's
+    measured block spread."""
     from fedkb_core import bitpack, hadamard, stochastic_rounding
     from fedkb_core.secagg import integer_encoding as ie
 
@@ -190,7 +191,8 @@ def measure_tuned(update: np.ndarray, clip_norm: float, max_examples: int, rho: 
             start = time.perf_counter()
             args = dict(bits=r, modulus_bits=r, clip_norm=clip_norm, length=n, rotation_seed=SEED,
                         max_examples=max_examples)
-            grid = ie.SecAggGrid(**args, tuned_steps=ie.tuned_steps(r, m, clip_norm, blocks))
+            grid = ie.SecAggGrid.from_cohort(bits=ie.CALIBRATION_BITS, cohort=m, clip_norm=clip_norm, length=n,
+                                             rotation_seed=SEED, max_examples=max_examples)
             measured, result = None, {}
             for round_number in (1, 2):
                 rng = np.random.default_rng(round_number * 7919 + m)

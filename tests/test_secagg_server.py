@@ -138,13 +138,18 @@ def fleet(url: str, home: Path, n: int, *, seed: int = 0, examples=None, scale: 
             for i in range(n)]
 
 
+def sum_of(devices, task: RoundTask) -> np.ndarray:
+    """The survivors' vectors summed as the server sums them (modulo 2^32), unmasked."""
+    total = np.zeros(grid_of(task).vector_length, np.uint32)
+    for d in devices:
+        add_mod(total, d.x, MASK_BITS)
+    return total
+
+
 def expected_mean(devices, task: RoundTask) -> np.ndarray:
     """What the survivors' vectors decode to: Σ w·Δ / Σ w (exactly what the server must publish)."""
     grid = grid_of(task)
-    total = np.zeros(grid.vector_length, np.uint32)
-    for d in devices:
-        add_mod(total, d.x, MASK_BITS)
-    decoded = decode_sum(total, grid, count=len(devices))
+    decoded = decode_sum(sum_of(devices, task), grid, count=len(devices))
     return decoded.deltas(LENGTH) / decoded.weight
 
 
@@ -374,7 +379,8 @@ def test_a_round_publishes_the_plain_rounds_weights_within_the_grids_rounding(ma
     round publishes exactly the decoded sum of their vectors, and the plain float32 round's weights
     within the rounding bound (`assert_within_rounding`): the decoded mean is (Σ w_i·Δ_i + Rᵀe)/Σ w,
     the plain round's Σ n_i·Δ_i / Σ n_i, the same first term since w_i = n_i/85 exactly. Without DP the
-    grid is tuned: 8 bits per masked value, one step per block, the first round's from the prior.
+    grid is tuned, but the first round has nothing to tune from: it calibrates on the fixed grid
+    (b = 12, r = 12 + ⌈log₂ 5⌉), and the next round's 8-bit steps follow what it measured.
     """
     examples = [85, 50, 10, 85, 23]
     secure = make_server(weights_model, **SECAGG)
@@ -383,8 +389,8 @@ def test_a_round_publishes_the_plain_rounds_weights_within_the_grids_rounding(ma
     devices = fleet(secure.url, tmp_path / "phones", 5, examples=examples)
     tasks = [d.take_task() for d in devices]
     task = tasks[0]
-    assert (task.encoding, task.update_bits, task.secagg.modulus_bits) == ("secagg", 8, 8)
-    assert task.secagg.steps == tuned_steps(8, 5, task.clip_norm, 1)  # the prior: nothing measured yet
+    assert (task.encoding, task.update_bits, task.secagg.modulus_bits) == ("secagg", 12, 15)
+    assert task.secagg.steps is None  # calibration: the fixed grid
     assert not task.secagg.unit_weights and not task.secagg.count_unclipped and task.report_by == task.deadline
     assert len({t.rotation_seed for t in tasks}) == 1 and task.rotation_seed is not None
     assert requests.get(f"{secure.url}/v1/status").json()["secure_aggregation"] is True
@@ -419,15 +425,50 @@ def test_a_round_publishes_the_plain_rounds_weights_within_the_grids_rounding(ma
     assert tables["secagg_devices"] == [] and tables["secagg_boxes"] == [] and len(tables["secagg_seen_keys"]) == 10
     last = status(secure.url)["last_round"]
     assert last["secagg"]["stage"] == "finished" and last["secagg"]["counts"]["unmasked"] == 5
-    assert last["encoding"] == "secagg" and last["secagg_modulus_bits"] == 8 and last["total_examples"] == 0
+    assert last["encoding"] == "secagg" and last["secagg_modulus_bits"] == 15 and last["total_examples"] == 0
+    # The operator sees the spread the round measured, which the next round's steps follow.
+    decoded = decode_sum(sum_of(devices, task), grid_of(task), count=5)
+    assert last["secagg_steps"] is None
+    assert last["secagg_block_rms"] == pytest.approx([x / 5 for x in decoded.block_rms])
     assert ok(devices[0].http.get(f"{secure.url}/v1/rounds/{task.round_id}/secagg", headers=devices[0].headers)) == {
         "round_id": task.round_id, "stage": "finished", "action": "done"}
     again = SecAggDevice(secure.url, tmp_path / "phones", random_deltas(TINY_SHAPES, 9), 5, 9)
     next_task = again.take_task()
+    # The next round is tuned: 8 bits, steps from the spread this one measured (one record: no growth).
+    assert (next_task.update_bits, next_task.secagg.modulus_bits) == (8, 8)
+    assert next_task.secagg.steps == pytest.approx(
+        tuned_steps(8, 5, next_task.clip_norm, 1, [last["secagg_block_rms"]]))
+    assert next_task.secagg.steps[0] < tuned_steps(8, 5, next_task.clip_norm, 1)[0] / 2  # finer than the prior
     old = devices[0].participant.advertise(task.round_id)
     r = again._post("/keys", KeyAdvertisement(next_task.round_id, old.mask_key, old.share_key).to_json())
     assert (r.status_code, r.json()["error"]) == (400, "reused_key")
 
+
+
+def test_a_tuned_round_publishes_its_decoded_sum_within_its_rounding(make_server, weights_model, tmp_path):
+    """A calibration round, then a tuned round of five other devices at 8 bits per value: the tuned
+    round publishes exactly the decoded sum of its vectors, and the exact example-weighted mean of
+    the clipped deltas within the rounding bound of its steps (`assert_within_rounding`, with the
+    largest block's step); its upload is one byte per value plus the tail and the header."""
+    secure = make_server(weights_model, **SECAGG)
+    state = secure.state.config.state_dir
+    first = fleet(secure.url, tmp_path / "phones", 5, seed=300)
+    for d in first:
+        d.take_task()
+    run_stages(first)
+    wait_version(secure.url, 2)
+    examples = [85, 17, 34, 85, 51]
+    devices = fleet(secure.url, tmp_path / "phones", 5, seed=400, examples=examples)
+    task = [d.take_task() for d in devices][0]
+    assert task.secagg.steps is not None and task.secagg.modulus_bits == 8
+    run_stages(devices, leak_check=lambda: assert_no_unmasked_update(state, devices))
+    wait_version(secure.url, 3)
+    start, new = published(state, 2), published(state, 3)
+    assert np.allclose(new, start + expected_mean(devices, task), rtol=0, atol=1e-6)
+    exact = sum(n * flat(d.clipped) for d, n in zip(devices, examples)) / sum(examples)
+    assert_within_rounding(new, start + exact, grid_of(task), 5, sum(examples) / 85)
+    body = devices[0].masked_body()
+    assert len(body) - bitpack.packed_size(grid_of(task).padded, 8) - 4 < 500
 
 def test_dropouts_at_every_stage_still_publish_the_survivors_exact_sum(make_server, weights_model, tmp_path):
     """Ten devices (k = 9, t = 5): one stops after advertising, one after sharing, one after fetching

@@ -81,6 +81,9 @@ MAX_DROPPED_FRACTION = 0.25
 OVERFLOW_WIDENING = 4.0
 MEASURED_ROUNDS = 3
 MAX_GROWTH = 4.0
+# A tuned deployment's first round (nothing measured yet) runs on the fixed grid at this b, to
+# measure the sum's spread (aggregator/rounds.py, `round_settings`).
+CALIBRATION_BITS = 12
 # A measurement's floor, relative to the prior C/√d: real updates are far below C per block (on
 # Shakespeare a device's block RMS is 1e-3 of the prior), so the floor only keeps a step above 0.
 MEASURED_FLOOR = 2.0 ** -20
