@@ -128,9 +128,9 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
             sequence. Without one (or without adaptive clipping) the clip norm is the config's.
         length: the model's parameter count (a tuned SecAgg grid has one step per block of it).
         measured: the last SecAgg rounds whose sums were measured (`secagg_block_rms`, at most
-            MEASURED_ROUNDS of them): a tuned grid's steps follow those with as many blocks as
-            the model. With none (the first round, or a model of another size) the round
-            calibrates: it runs on the fixed grid at CALIBRATION_BITS (b = 12, r = 12 + ⌈log₂ m⌉,
+            MEASURED_ROUNDS of them, newest first): a tuned grid's steps follow their
+            `tuning_history` with as many blocks as the model. With none (the first round, a model
+            of another size, or after a sum refused as overflowing) the round calibrates: it runs on the fixed grid at CALIBRATION_BITS (b = 12, r = 12 + ⌈log₂ m⌉,
             about 2× the bytes, once), whose fine steps measure the sum's spread accurately; the
             prior's steps (one device of norm C in one block) would be hundreds of times too coarse
             for real updates and their rounding noise would swamp the first rounds.
@@ -148,7 +148,7 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
         if length is None:
             raise ValueError("a tuned secure aggregation grid needs the model's parameter count")
         blocks = hadamard.num_blocks(length)
-        rows = [json.loads(m.secagg_block_rms) for m in measured if m.secagg_block_rms is not None]
+        rows = [json.loads(m.secagg_block_rms) for m in tuning_history(measured)]
         rows = [row for row in rows if len(row) == blocks]  # a model of another size: not this one's
         if rows:
             steps = tuned_steps(config.update_bits, config.max_assigned, settings["clip_norm"], blocks, rows)
@@ -157,6 +157,21 @@ def round_settings(config, *, model_version: int, batch_size: int, now: float,
             settings.update(update_bits=CALIBRATION_BITS,
                             secagg_modulus_bits=modulus_bits(CALIBRATION_BITS, config.max_assigned))
     return settings
+
+
+def tuning_history(measured: list[RoundRecord]) -> list[RoundRecord]:
+    """The measured rounds (newest first) a tuned grid's next steps follow: back to the last
+    calibration round (a fixed-grid round: its accurate measurement starts a new history), none
+    if the newest was refused as overflowing (its spread outgrew the prediction, so the next round
+    calibrates rather than guess again)."""
+    history = []
+    for record in measured:
+        if record.secagg_block_rms is None or record.state == ABANDONED:
+            break
+        history.append(record)
+        if record.secagg_steps is None:
+            break
+    return history
 
 
 def update_encoding_settings(config) -> dict:

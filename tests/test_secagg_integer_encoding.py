@@ -522,7 +522,7 @@ def test_a_block_that_outgrows_its_range_is_left_out_and_the_rest_released():
     """Eight blocks, one of them tuned to a measurement 20× too small: that block wraps, so the
     decoded sum zeroes it (its parameters do not move this round), names it in `dropped_blocks`
     and reports its spread widened by OVERFLOW_WIDENING; the other seven decode within the rounding
-    bound. Three of eight (more than a quarter) would refuse the sum."""
+    bound. Three of eight are a partial release too; all eight refuse the sum."""
     m, length = 20, 8 * BLOCK
     rng = np.random.default_rng(4)
     updates = []
@@ -551,5 +551,7 @@ def test_a_block_that_outgrows_its_range_is_left_out_and_the_rest_released():
     kept = [b for b in range(8) if b != 5]
     bound = math.sqrt(1.5 * m * BLOCK * sum(g.tuned_steps[b] ** 2 for b in kept) / 4)
     assert np.linalg.norm(decoded.rotated[kept] - exact[kept]) <= bound
-    with pytest.raises(ie.ModulusOverflow, match="3 of the sum's 8 blocks"):
-        decode([1, 2, 3])
+    g, partial = decode([1, 2, 3])
+    assert partial.dropped_blocks == (1, 2, 3) and not partial.rotated[[1, 2, 3]].any()
+    with pytest.raises(ie.ModulusOverflow, match="8 of the sum's 8 blocks"):
+        decode(range(8))

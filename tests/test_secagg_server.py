@@ -24,6 +24,7 @@ import pytest
 import requests
 from safetensors.numpy import load_file
 
+from aggregator.rounds import RoundRecord, tuning_history
 from aggregator.secagg_release import secagg_sensitivity
 from edge_runtime.secagg_job import grid_tail
 from edge_runtime.secagg_participant import SecAggParticipant
@@ -345,6 +346,22 @@ def test_settings_resolve_and_refuse_in_one_line(tmp_path, capsys):
     assert "(default: the task report window)" in text
 
 
+def test_the_tuning_history_starts_at_the_last_calibration_and_an_overflow_recalibrates():
+    def record(i, state="closed", tuned=True, measured=True):
+        return RoundRecord(id=i, model_version=i, state=state, opened_at=0.0, deadline=1.0, min_clients=2,
+                           goal_clients=5, max_assigned=5, clip_norm=1.0, learning_rate=1.0, epochs=1, batch_size=2,
+                           max_examples=8, encoding="secagg", update_bits=8 if tuned else 12,
+                           secagg_steps="[0.1]" if tuned else None,
+                           secagg_block_rms="[0.01]" if measured else None)
+    ids = lambda records: [r.id for r in tuning_history(records)]  # noqa: E731
+    assert ids([record(5), record(4), record(3)]) == [5, 4, 3]
+    assert ids([record(5), record(4, tuned=False), record(3)]) == [5, 4]  # back to the calibration round
+    assert ids([record(5, tuned=False)]) == [5]
+    assert ids([record(5, state="abandoned"), record(4), record(3)]) == []  # an overflow: calibrate again
+    assert ids([record(5), record(4, state="abandoned"), record(3)]) == [5]
+    assert ids([]) == []
+
+
 def test_the_sensitivity_covers_the_rounding_the_server_cannot_reclip():
     grid = SecAggGrid(bits=12, modulus_bits=17, clip_norm=2.0, length=LENGTH, rotation_seed=3, max_examples=9,
                       weighted=False)
@@ -434,11 +451,12 @@ def test_a_round_publishes_the_plain_rounds_weights_within_the_grids_rounding(ma
         "round_id": task.round_id, "stage": "finished", "action": "done"}
     again = SecAggDevice(secure.url, tmp_path / "phones", random_deltas(TINY_SHAPES, 9), 5, 9)
     next_task = again.take_task()
-    # The next round is tuned: 8 bits, steps from the spread this one measured (one record: no growth).
+    # The next round is tuned: 8 bits, steps from the spread this one measured (one record: the
+    # steepest growth assumed).
     assert (next_task.update_bits, next_task.secagg.modulus_bits) == (8, 8)
     assert next_task.secagg.steps == pytest.approx(
         tuned_steps(8, 5, next_task.clip_norm, 1, [last["secagg_block_rms"]]))
-    assert next_task.secagg.steps[0] < tuned_steps(8, 5, next_task.clip_norm, 1)[0] / 2  # finer than the prior
+    assert next_task.secagg.steps[0] < tuned_steps(8, 5, next_task.clip_norm, 1)[0]  # finer than the prior
     old = devices[0].participant.advertise(task.round_id)
     r = again._post("/keys", KeyAdvertisement(next_task.round_id, old.mask_key, old.share_key).to_json())
     assert (r.status_code, r.json()["error"]) == (400, "reused_key")
