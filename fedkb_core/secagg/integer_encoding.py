@@ -22,11 +22,12 @@ the upload costs (r = b bits per value, 8 by default: a hadamard update's width)
 one per rotation block, are chosen so that the cohort's *sum* fills it. After the rotation every
 coordinate of a block of the sum is a Rademacher sum of variance ‖s_b‖²/d, so it stays within
 ±z·RMS_b except with probability ≤ 2·exp(−z²/2): the server sets each block's step from the
-previous round's measured RMS per device (`tuned_steps`, z = TUNED_Z), accepts that a coordinate
+previous rounds' measured RMS per device (`tuned_steps`, z = TUNED_Z), accepts that a coordinate
 beyond ±z·RMS_b wraps, and leaves out of the round a block whose measured RMS leaves less than
 MIN_Z (`decode_sum`: its parameters do not move; the next round widens it), or refuses the whole
-sum only if every block did (ModulusOverflow; the round is abandoned). One
-device's values may exceed the modulus: only the sum must fit. Bonawitz et al. 2019, "Federated
+sum only if every block did (ModulusOverflow; the round is abandoned). A deployment's first
+round calibrates on the fixed grid (CALIBRATION_BITS). One device's values may exceed the
+modulus: only the sum must fit. Bonawitz et al. 2019, "Federated
 Learning with Autotuned Communication-Efficient Secure Aggregation", tune the same trade-off.
 The price is resolution: a device's rounding error is set by the sum's spread, not its own, so
 the mean of m devices errs by about √m times more than on a fixed grid of r bits (measured in
@@ -68,8 +69,8 @@ WEIGHT_LEVELS = (1 << 16) - 1  # the weight's integer is 1..WEIGHT_LEVELS
 MAX_TAIL_COUNT = ((1 << 31) - 1) // WEIGHT_LEVELS  # the most weights whose sum fits a signed 32-bit tail
 # The tuned grid: a block's range of 2^(r−1) units covers TUNED_Z times the predicted RMS of the
 # block's coordinates; a block whose measured RMS leaves less than MIN_Z is left out of the round
-# (zeroed), and a sum with more than MAX_DROPPED_FRACTION such blocks is not released (1: only
-# when every block overflowed; each kept block is checked on its own, so a partial release is
+# (zeroed), and a sum with MAX_DROPPED_FRACTION such blocks is not released (1: only when every
+# block overflowed; each kept block is checked on its own, so a partial release is
 # sound, and on Shakespeare early training grows updates faster than any margin: refusing at a
 # quarter abandoned 2 of 60 rounds). A coordinate
 # wraps with probability ≤ 2·exp(−z²/2) (Hoeffding over the rotation's signs): 1e-31 at z = 12,
@@ -93,8 +94,8 @@ MEASURED_FLOOR = 2.0 ** -20
 
 
 class ModulusOverflow(ValueError):
-    """A tuned grid's sum fills its modulus in more than MAX_DROPPED_FRACTION of its blocks: too
-    much of it has likely wrapped to release.
+    """A tuned grid's sum fills its modulus in MAX_DROPPED_FRACTION of its blocks (all of them):
+    nothing of it can be released.
 
     Attributes:
         block_rms: the RMS of each block of the sum as decoded (value units), OVERFLOW_WIDENING
@@ -434,8 +435,8 @@ def decode_sum(total: np.ndarray, grid: SecAggGrid, *, count: int) -> DecodedSum
         count: how many devices' vectors it holds (the survivors).
 
     Raises:
-        ModulusOverflow: a tuned grid's sum with more than MAX_DROPPED_FRACTION of its blocks
-            below MIN_Z (fewer are dropped: `DecodedSum.dropped_blocks`).
+        ModulusOverflow: a tuned grid's sum with every block below MIN_Z (fewer are left out:
+            `DecodedSum.dropped_blocks`).
         ValueError: an invalid grid, a total of another shape, a count outside
             1..`grid.max_count`, a fixed grid's decoded coordinate beyond ±count·W, a weight below
             count or above count·L, an unclipped count outside 0..count: either the sum wrapped or
