@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     dp_next_clip_norm REAL,
     secagg_modulus_bits INTEGER,
     secagg_steps TEXT,
-    secagg_block_rms TEXT
+    secagg_block_rms TEXT,
+    secagg_dropped_blocks TEXT
 );
 CREATE TABLE IF NOT EXISTS dp_noise_seeds (
     round_id INTEGER PRIMARY KEY,
@@ -154,7 +155,7 @@ _ADDED_COLUMNS = {"tasks": (("report_by", "REAL"), ("reclaimed_at", "REAL")),
                              ("dp_unclipped_fraction", "REAL"), ("dp_next_clip_norm", "REAL"),
                              ("update_bits", "INTEGER"), ("rotation_seed", "INTEGER"),
                              ("secagg_modulus_bits", "INTEGER"), ("secagg_steps", "TEXT"),
-                             ("secagg_block_rms", "TEXT"))}
+                             ("secagg_block_rms", "TEXT"), ("secagg_dropped_blocks", "TEXT"))}
 
 
 def _add_missing_columns(conn) -> None:

@@ -50,6 +50,7 @@ class RoundRecord:
     # next round's steps follow (fedkb_core/secagg/integer_encoding.py, `tuned_steps`).
     secagg_steps: str | None = None
     secagg_block_rms: str | None = None
+    secagg_dropped_blocks: str | None = None  # the blocks a tuned round left out (JSON list), set at close
     assigned: int = 0
     accepted: int = 0
     folded: int = 0

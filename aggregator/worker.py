@@ -255,12 +255,14 @@ class Worker:
                 now = time.time()
                 with db.transaction(conn):
                     secagg_stages.abandon(conn, round_, err.reason, err.message, now)
-                    if err.block_rms is not None:  # an overflowing sum: the next round widens from it
-                        db.update_round(conn, round_.id, secagg_block_rms=_per_device(err.block_rms, count))
+                    if err.block_rms is not None:  # an overflowing sum: the next round calibrates
+                        db.update_round(conn, round_.id, secagg_block_rms=_per_device(err.block_rms, count),
+                                        secagg_dropped_blocks=json.dumps(list(range(len(err.block_rms)))))
                 self._abandoned(conn, db.get_round(conn, round_.id), now)
                 return
             if self.config.secagg_tuned:  # what the next round's steps follow (a calibration round's too)
-                measured = {"secagg_block_rms": _per_device(decoded.block_rms, count)}
+                measured = {"secagg_block_rms": _per_device(decoded.block_rms, count),
+                            "secagg_dropped_blocks": json.dumps(list(decoded.dropped_blocks))}
                 if decoded.dropped_blocks:
                     dropped = (f"; {len(decoded.dropped_blocks)} of {len(decoded.block_rms)} blocks overflowed the "
                                f"grid and were left out ({', '.join(map(str, decoded.dropped_blocks[:8]))})")

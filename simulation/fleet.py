@@ -429,7 +429,8 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
                                              bytes_downloaded=traffic["bytes_downloaded"]["total"], traffic=traffic,
                                              seconds=round(seconds, 2), sim_time=clock.now, examples=0, steps=0)
             records.append(dataclasses.replace(record, privacy=(status.get("privacy") or {}).get("spent"),
-                                               secagg=secagg.counts() if secagg is not None else None))
+                                               secagg=None if secagg is None else {
+                                                   **secagg.counts(), "grid": _grid_facts(status, selected)}))
             bar.update(1)
             bar.set_postfix(v=version, clients=len(counted), word_ppl=f"{record.eval.word_perplexity:.0f}",
                             top1=f"{record.eval.top1:.3f}")
@@ -444,3 +445,18 @@ def run_fleet(*, data: PreparedData, model_dir: Path | None, out: Path, config: 
         executor.close()
         server.stop()
     return records
+
+
+def _grid_facts(status: dict, selected) -> dict | None:
+    """A SecAgg round's grid as the server recorded it (`/v1/admin/status`'s `last_round`): its bits
+    per masked value, whether it calibrated on the fixed grid, and the blocks the tuned grid left
+    out because their sum overflowed (all of them if the round was refused for it). None when the
+    status holds no record of this round (no phone was selected)."""
+    if not selected:
+        return None
+    rounds = [r for r in (status.get("round"), status.get("last_round")) if r and r.get("id") == selected[0][1].round_id]
+    if not rounds:
+        return None
+    record = rounds[0]
+    return {"modulus_bits": record.get("secagg_modulus_bits"), "calibration": record.get("secagg_steps") is None,
+            "blocks_left_out": record.get("secagg_dropped_blocks") or []}

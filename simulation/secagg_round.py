@@ -27,7 +27,9 @@ cannot close the next one by accident.
 `advertised`, `shared`, `uploaded`, `unmasked`, and `done`: those still holding the round when it
 ended, told so by their last step), `dropped` per stage (the phones that
 completed the previous stage but not this one), refusals by code, the reason the round was
-abandoned (null if it was not), and `cpu_ms` per stage {total, mean, max} over the phones (thread
+abandoned (null if it was not), `grid` as the server recorded it (`modulus_bits`, `calibration`: the
+fixed grid of a first round, `blocks_left_out`: the tuned grid's overflowing blocks; added by
+simulation.fleet), and `cpu_ms` per stage {total, mean, max} over the phones (thread
 CPU time in secure aggregation's own work: `keys` (drawing two X25519 key pairs), `shares`
 (sharing and sealing), `encode` (the update onto the grid), `mask` (opening the inbox and
 masking), `unmask`).

@@ -445,7 +445,7 @@ def test_a_round_publishes_the_plain_rounds_weights_within_the_grids_rounding(ma
     assert last["encoding"] == "secagg" and last["secagg_modulus_bits"] == 15 and last["total_examples"] == 0
     # The operator sees the spread the round measured, which the next round's steps follow.
     decoded = decode_sum(sum_of(devices, task), grid_of(task), count=5)
-    assert last["secagg_steps"] is None
+    assert last["secagg_steps"] is None and last["secagg_dropped_blocks"] == []
     assert last["secagg_block_rms"] == pytest.approx([x / 5 for x in decoded.block_rms])
     assert ok(devices[0].http.get(f"{secure.url}/v1/rounds/{task.round_id}/secagg", headers=devices[0].headers)) == {
         "round_id": task.round_id, "stage": "finished", "action": "done"}

@@ -65,6 +65,11 @@ def test_simulate_with_secure_aggregation_publishes_every_round_and_counts_every
         # Every phone's SecAgg traffic is counted: keys, shares, inbox, upload, unmask, status requests.
         assert record["traffic"]["devices"] == s["selected"] and record["bytes_uploaded"] > 0, record["traffic"]
         assert record["examples"] > 0 and record["steps"] > 0
+    # The grid as the server recorded it: the first round calibrates on the fixed 12-bit grid (r = 12 +
+    # ceil(log2 6)), the next is tuned at 8 bits per value; on this tiny model no block overflowed.
+    assert [r["secagg"]["grid"] for r in report["rounds"][1:]] == [
+        {"modulus_bits": 15, "calibration": True, "blocks_left_out": []},
+        {"modulus_bits": 8, "calibration": False, "blocks_left_out": []}]
     took_part = 0
     for home in homes:  # every phone forgot its rounds' secrets and encoded inputs
         left = sorted(p.name for p in (home / "secagg").iterdir()) if (home / "secagg").is_dir() else []

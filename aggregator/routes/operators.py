@@ -39,7 +39,7 @@ PUBLIC_VERSION_FIELDS = ("version", "parent_version", "round_id", "created_at")
 
 def _round_json(conn, round_) -> dict:
     body = dataclasses.asdict(round_)
-    for name in ("secagg_steps", "secagg_block_rms"):  # the tuned grid's, kept as JSON text: shown as lists
+    for name in ("secagg_steps", "secagg_block_rms", "secagg_dropped_blocks"):  # JSON text: shown as lists
         if body.get(name) is not None:
             body[name] = json.loads(body[name])
     body["rejected"] = db.rejections(conn, round_.id)
