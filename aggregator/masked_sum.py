@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from aggregator.rounds import RoundRecord
-from fedkb_core.secagg.integer_encoding import MASK_BITS, add_mod
+from fedkb_core.secagg.integer_encoding import MASK_BITS, add_mod, tail_length
 from fedkb_core.secagg.masked_wire import MaskedUpload, decode_masked
 from fedkb_core.wire import UpdateRejected
 
@@ -35,7 +35,7 @@ class MaskedSum:
         self.round_id = round_.id
         self.modulus_bits = int(round_.secagg_modulus_bits)
         self.vector_length = int(vector_length)
-        self.tail_length = 2 if round_.secagg_task.count_unclipped else 1  # the weight (and the unclipped bit)
+        self.tail_length = tail_length(round_.secagg_task.count_unclipped)
         self.values = np.zeros(self.vector_length, np.uint32) if values is None else np.array(values, np.uint32)
         if self.values.shape != (self.vector_length,):
             raise ValueError(f"a masked sum has {self.vector_length} values, got shape {self.values.shape}")

@@ -93,12 +93,9 @@ class RoundRecord:
                           count_unclipped=self.dp_clipped_count_stddev is not None, steps=steps)
 
     def secagg_grid(self, length: int) -> SecAggGrid:
-        """The round's common grid for a model of `length` parameters (what every device encodes on)."""
-        task = self.secagg_task
-        return SecAggGrid(bits=self.update_bits, modulus_bits=task.modulus_bits, clip_norm=self.clip_norm,
-                          length=length, rotation_seed=self.rotation_seed, max_examples=self.max_examples,
-                          weighted=not task.unit_weights, count_unclipped=task.count_unclipped,
-                          tuned_steps=task.steps)
+        """The round's common grid for a model of `length` parameters (what every device encodes on:
+        the grid of the task this round hands out)."""
+        return SecAggGrid.for_task(self.task(), length)
 
     def task(self, report_by: float | None = None) -> RoundTask:
         """The task a device receives for this round (with its own report-by time, if it has one)."""

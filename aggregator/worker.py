@@ -246,6 +246,7 @@ class Worker:
 
         # Server computation: w ← w + η·(β·v + Δ̄), Δ̄ noised once if the round is private.
         privacy, tree, measured = {}, None, {}
+        outcome = round_.outcome or f"goal of {round_.goal_clients} updates reached"
         if round_.secure:
             specs = self.store.specs(parent)
             grid = round_.secagg_grid(sum(s.size for s in specs))
@@ -264,10 +265,10 @@ class Worker:
                 measured = {"secagg_block_rms": _per_device(decoded.block_rms, count),
                             "secagg_dropped_blocks": json.dumps(list(decoded.dropped_blocks))}
                 if decoded.dropped_blocks:
-                    dropped = (f"; {len(decoded.dropped_blocks)} of {len(decoded.block_rms)} blocks overflowed the "
+                    dropped = (f"{len(decoded.dropped_blocks)} of {len(decoded.block_rms)} blocks overflowed the "
                                f"grid and were left out ({', '.join(map(str, decoded.dropped_blocks[:8]))})")
-                    measured["outcome"] = (round_.outcome or "") + dropped
-                    log.warning("round %d: %s", round_.id, dropped[2:])
+                    outcome = f"{outcome}; {dropped}"
+                    log.warning("round %d: %s", round_.id, dropped)
             if round_.dp_enabled:
                 mean_delta, privacy = self._private_release(conn, round_, secagg_release.private_sum(
                     decoded, specs, round_, grid), count, decoded.unclipped)
@@ -304,8 +305,7 @@ class Worker:
             db.update_round(conn, round_.id, state=CLOSED, closed_at=now, published_version=new_version,
                             folded=count, total_examples=examples,
                             aggregate_seconds=aggregate_seconds, publish_seconds=publish_seconds,
-                            **{"outcome": round_.outcome or f"goal of {round_.goal_clients} updates reached",
-                               **privacy, **measured})
+                            outcome=outcome, **privacy, **measured)
             # Released: the seed has done its work, and with it the noise could be subtracted.
             db.forget_noise_seed(conn, round_.id)
             if tree is not None:  # DP-FTRL: a finished tree's seed has no further use

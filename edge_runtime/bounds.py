@@ -118,11 +118,7 @@ def _secagg_problems(task: RoundTask) -> list[str]:
     if task.secagg is None:
         return ["a secagg task without its secagg parameters (modulus_bits)"]
     steps = task.secagg.steps
-    grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
-                      length=BLOCK * len(steps) if steps else 1, rotation_seed=task.rotation_seed,
-                      max_examples=task.max_examples, weighted=not task.secagg.unit_weights,
-                      count_unclipped=task.secagg.count_unclipped, tuned_steps=steps)
-    return grid.problems()
+    return SecAggGrid.for_task(task, BLOCK * len(steps) if steps else 1).problems()
 
 
 def check_task(task: RoundTask, bounds: TaskBounds) -> None:

@@ -89,12 +89,7 @@ def grid_for(task: RoundTask, length: int) -> SecAggGrid:
     Raises:
         ValueError: the task's settings do not make a grid.
     """
-    if task.secagg is None:
-        raise ValueError("the task has no secagg parameters")
-    grid = SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
-                      length=length, rotation_seed=task.rotation_seed, max_examples=task.max_examples,
-                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped,
-                      tuned_steps=task.secagg.steps)
+    grid = SecAggGrid.for_task(task, length)
     problems = grid.problems()
     if problems:
         raise ValueError("; ".join(problems))
@@ -103,7 +98,7 @@ def grid_for(task: RoundTask, length: int) -> SecAggGrid:
 
 def grid_tail(task: RoundTask) -> int:
     """The masked vector's wide tail: the weight, and adaptive clipping's bit if the round counts it."""
-    return 2 if task.secagg is not None and task.secagg.count_unclipped else 1
+    return integer_encoding.tail_length(task.secagg is not None and task.secagg.count_unclipped)
 
 
 def _code(value: str | None, default: str) -> str:

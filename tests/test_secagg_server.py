@@ -55,10 +55,7 @@ def flat(tensors) -> np.ndarray:
 
 
 def grid_of(task: RoundTask) -> SecAggGrid:
-    return SecAggGrid(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
-                      length=LENGTH, rotation_seed=task.rotation_seed, max_examples=task.max_examples,
-                      weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped,
-                      tuned_steps=task.secagg.steps)
+    return SecAggGrid.for_task(task, LENGTH)
 
 
 class SecAggDevice(Device):

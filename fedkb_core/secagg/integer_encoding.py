@@ -59,6 +59,7 @@ import numbers
 import numpy as np
 
 from fedkb_core import hadamard
+from fedkb_core.protocol import RoundTask
 from fedkb_core.update_encoding import BLOCK
 
 TAIL = 1e-9  # probability, per block, that an honest rotated block has a coordinate beyond ±c
@@ -204,6 +205,11 @@ def tuned_steps(modulus_bits: int, cohort: int, clip_norm: float, num_blocks: in
     return tuple(float(x) for x in steps)
 
 
+def tail_length(count_unclipped: bool) -> int:
+    """The wide tail's length: the weight, and adaptive clipping's "not clipped" bit if counted."""
+    return 2 if count_unclipped else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SecAggGrid:
     """A round's common grid, the same for every device of the cohort and for the server.
@@ -239,6 +245,22 @@ class SecAggGrid:
                    rotation_seed=rotation_seed, max_examples=max_examples, weighted=weighted,
                    count_unclipped=count_unclipped)
 
+    @classmethod
+    def for_task(cls, task: RoundTask, length: int) -> SecAggGrid:
+        """The grid a `secagg` task asks for, for a model of `length` parameters: what the device
+        encodes on and the server decodes with (it builds the task from its round). Not checked:
+        `problems()` says what is wrong.
+
+        Raises:
+            ValueError: the task has no secagg parameters.
+        """
+        if task.secagg is None:
+            raise ValueError("the task has no secagg parameters")
+        return cls(bits=task.update_bits, modulus_bits=task.secagg.modulus_bits, clip_norm=task.clip_norm,
+                   length=length, rotation_seed=task.rotation_seed, max_examples=task.max_examples,
+                   weighted=not task.secagg.unit_weights, count_unclipped=task.secagg.count_unclipped,
+                   tuned_steps=task.secagg.steps)
+
     @property
     def tuned(self) -> bool:
         """Whether the steps are tuned to the sum (`tuned_steps`) rather than fixed by b."""
@@ -269,7 +291,7 @@ class SecAggGrid:
     @property
     def tail_length(self) -> int:
         """The wide tail: the weight, and the unclipped bit if counted (summed modulo 2^32)."""
-        return 1 + (1 if self.count_unclipped else 0)
+        return tail_length(self.count_unclipped)
 
     @property
     def padded(self) -> int:

@@ -21,6 +21,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from fedkb_core import bitpack
+from fedkb_core.secagg import prg
 from fedkb_core.update_encoding import SECAGG
 from fedkb_core.wire import UpdateRejected, parse_decimal, read_header
 
@@ -52,7 +53,7 @@ def encode_masked(values: np.ndarray, modulus_bits: int, *, tail_length: int, ro
     if isinstance(tail_length, bool) or not isinstance(tail_length, int) or not 0 <= tail_length < values.size:
         raise ValueError(f"tail_length must be an integer in 0..{values.size - 1}, got {tail_length!r}")
     split = values.size - tail_length
-    body = values[:split] & np.uint32((1 << int(modulus_bits)) - 1 if modulus_bits < 32 else 0xFFFFFFFF)
+    body = values[:split] & prg.modulus_mask(int(modulus_bits))
     tensors = {MASKED: bitpack.pack(body, int(modulus_bits)),
                MASKED_TAIL: np.frombuffer(values[split:].astype("<u4").tobytes(), np.uint8).copy()}
     metadata = {"round_id": str(int(round_id)), "model_version": str(int(model_version)), "device_id": str(device_id),
